@@ -1,0 +1,14 @@
+"""scoresde: score-based diffusion models where the DDPM chain and the VP-SDE are one object."""
+from . import analytic, grids, prediction, schedules
+from .analytic import Gaussian, GaussianMixture
+from .grids import GRIDS
+from .prediction import Denoiser
+from .sde import VPSDE
+from .solvers import SOLVERS, BrownianNoise, GaussianNoise, SampleInfo, sample
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VPSDE", "Denoiser", "sample", "SOLVERS", "GRIDS", "SampleInfo", "GaussianNoise", "BrownianNoise",
+    "Gaussian", "GaussianMixture", "analytic", "grids", "prediction", "schedules",
+]

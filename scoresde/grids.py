@@ -1,0 +1,47 @@
+"""Time grids for fixed-step solvers: float64 CPU tensors running from t_start down to t_end.
+
+Every grid is a function grid(sde, steps, t_start, t_end) -> times of length steps + 1, so a
+user's own spacing is one more function (functools.partial(karras, rho=5) works too).
+"""
+from __future__ import annotations
+
+import torch
+
+from ._util import F64
+
+
+def _fraction(steps: int) -> torch.Tensor:
+    return torch.linspace(0.0, 1.0, steps + 1, dtype=F64)
+
+
+def _pin_ends(times, t_start, t_end):
+    """Exact end points, whatever the round trip through another variable did."""
+    times[0], times[-1] = t_start, t_end
+    return times
+
+
+def uniform(sde, steps: int, t_start: float, t_end: float) -> torch.Tensor:
+    """Equal steps in t (DDPM's and Song et al.'s choice)."""
+    return t_start + (t_end - t_start) * _fraction(steps)
+
+
+def quadratic(sde, steps: int, t_start: float, t_end: float) -> torch.Tensor:
+    """Steps growing quadratically away from the data: t - t_end ~ (1 - i/steps)^2 (DDIM)."""
+    return t_end + (t_start - t_end) * (1.0 - _fraction(steps)) ** 2
+
+
+def log_snr(sde, steps: int, t_start: float, t_end: float) -> torch.Tensor:
+    """Equal steps in the half log-SNR lambda (DPM-Solver's choice)."""
+    lam = sde.log_snr(torch.tensor([t_start, t_end], dtype=F64))
+    lams = lam[0] + (lam[1] - lam[0]) * _fraction(steps)
+    return _pin_ends(sde.t_from_log_snr(lams), t_start, t_end)
+
+
+def karras(sde, steps: int, t_start: float, t_end: float, rho: float = 7.0) -> torch.Tensor:
+    """Equal steps in (sigma/alpha)^(1/rho) (Karras et al. 2022), dense near the data."""
+    s = torch.exp(-sde.log_snr(torch.tensor([t_start, t_end], dtype=F64))) ** (1.0 / rho)
+    ratios = (s[0] + (s[1] - s[0]) * _fraction(steps)) ** rho
+    return _pin_ends(sde.t_from_log_snr(-torch.log(ratios)), t_start, t_end)
+
+
+GRIDS = {"uniform": uniform, "quadratic": quadratic, "log_snr": log_snr, "karras": karras}

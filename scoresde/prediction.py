@@ -1,0 +1,146 @@
+"""Conversions between eps, score, x0 and v predictions, and the `Denoiser` model wrapper.
+
+With x = alpha x0 + sigma eps and alpha^2 + sigma^2 = 1:
+score = -eps / sigma,  x0 = (x - sigma eps) / alpha,  v = alpha eps - sigma x0.
+This module is the one place these conversions live.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ._util import F64, as_time, per_sample
+from .sde import VPSDE
+
+PREDICTIONS = ("eps", "x0", "v", "score")
+TIME_INPUTS = ("t", "index")
+
+
+# ---- conversions (alpha, sigma: Python floats or tensors broadcastable against x) ----------
+def eps_to_x0(x, eps, alpha, sigma):
+    return (x - sigma * eps) / alpha
+
+
+def x0_to_eps(x, x0, alpha, sigma):
+    return (x - alpha * x0) / sigma
+
+
+def eps_to_score(eps, sigma):
+    return -eps / sigma
+
+
+def score_to_eps(score, sigma):
+    return -sigma * score
+
+
+def eps_to_v(x, eps, alpha, sigma):
+    return alpha * eps - sigma * eps_to_x0(x, eps, alpha, sigma)
+
+
+def v_to_eps(x, v, alpha, sigma):
+    return alpha * v + sigma * x
+
+
+def to_eps(prediction: str, out, x, alpha, sigma):
+    """A network output of kind `prediction` as eps."""
+    if prediction == "eps":
+        return out
+    if prediction == "x0":
+        return x0_to_eps(x, out, alpha, sigma)
+    if prediction == "v":
+        return v_to_eps(x, out, alpha, sigma)
+    return score_to_eps(out, sigma)
+
+
+def from_eps(prediction: str, eps, x, alpha, sigma):
+    """eps as a quantity of kind `prediction` (the inverse of `to_eps`)."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return eps_to_x0(x, eps, alpha, sigma)
+    if prediction == "v":
+        return eps_to_v(x, eps, alpha, sigma)
+    return eps_to_score(eps, sigma)
+
+
+# ---- the wrapper ------------------------------------------------------------------------------
+class Denoiser:
+    """Wraps any network as an eps-model on continuous time t in [0, 1].
+
+    prediction: what the network outputs: "eps", "x0", "v" or "score".
+    time_input: what the network takes as its time argument:
+        "t"      continuous t (the network sees a (batch,) tensor in x's dtype);
+        "index"  the 0-based DDPM index t N - 1 (diffusers' convention), N = `num_steps` or
+                 the discrete sde's chain length;
+        callable f(t) -> network input, given a float64 (batch,) tensor of t.
+    A network returning an object with a `.sample` tensor (diffusers' UNet2DModel) also works.
+    """
+
+    def __init__(self, net: Callable, sde: VPSDE, prediction: str = "eps", time_input="t",
+                 num_steps: int | None = None):
+        if not callable(net):
+            raise TypeError(f"net={net!r}: expected a callable network net(x, time)")
+        if not isinstance(sde, VPSDE):
+            raise TypeError(f"sde={sde!r}: expected a scoresde.VPSDE")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction={prediction!r}: expected one of {PREDICTIONS}")
+        if not callable(time_input) and time_input not in TIME_INPUTS:
+            raise ValueError(f"time_input={time_input!r}: expected one of {TIME_INPUTS} or a callable")
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int)
+                                      or num_steps < 1):
+            raise ValueError(f"num_steps={num_steps!r}: expected an int >= 1 or None")
+        if time_input == "index" and num_steps is None and sde.num_steps is None:
+            raise ValueError("time_input='index' needs num_steps=N (the network's training chain length) "
+                             "for a continuous sde")
+        self.net, self.sde, self.prediction = net, sde, prediction
+        self.time_input, self.num_steps = time_input, num_steps
+
+    def __repr__(self):
+        return f"Denoiser({type(self.net).__name__}, prediction={self.prediction!r}, time_input={self.time_input!r})"
+
+    def _net_time(self, t, x):
+        """The network's time argument for time t (a float or a tensor), as a (batch,) tensor."""
+        t = as_time(t, device=x.device).expand(x.shape[0])
+        if callable(self.time_input):
+            return self.time_input(t)
+        if self.time_input == "index":
+            t = self.sde.t_to_index(t, self.num_steps) - 1  # 0-based index, as diffusers models expect
+        return t.to(x.dtype)
+
+    def _alpha_sigma(self, t, x):
+        if isinstance(t, (int, float)):  # host floats: CPU float64 math, no device round trip
+            t64 = torch.tensor(float(t), dtype=F64)
+            return float(self.sde.alpha(t64)), float(self.sde.sigma(t64))
+        t = as_time(t, device=x.device)
+        return per_sample(self.sde.alpha(t), x), per_sample(self.sde.sigma(t), x)
+
+    def _raw(self, x, t):
+        out = self.net(x, self._net_time(t, x))
+        if not isinstance(out, torch.Tensor):
+            out = getattr(out, "sample", out)  # diffusers returns a UNet2DOutput
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the network returned {type(out).__name__}, expected a tensor")
+        return out
+
+    def predict(self, kind: str, x, t):
+        """The model's prediction of `kind` ("eps", "x0", "v", "score") at (x, t)."""
+        out = self._raw(x, t)
+        if kind == self.prediction:
+            return out
+        alpha, sigma = self._alpha_sigma(t, x)
+        return from_eps(kind, to_eps(self.prediction, out, x, alpha, sigma), x, alpha, sigma)
+
+    def eps(self, x, t):
+        return self.predict("eps", x, t)
+
+    def x0(self, x, t):
+        return self.predict("x0", x, t)
+
+    def score(self, x, t):
+        return self.predict("score", x, t)
+
+    def v(self, x, t):
+        return self.predict("v", x, t)
+
+    __call__ = eps

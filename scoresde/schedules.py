@@ -1,0 +1,175 @@
+"""Noise schedules: log alpha(t) as a float64 function of continuous time t in [0, 1].
+
+A schedule is one class with `log_alpha(t)` and its derivative `dlog_alpha(t)`. Everything else
+(sigma, log-SNR, beta, the discrete chain) is derived from them in `sde.VPSDE`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._util import F64, as_time
+
+
+class Schedule:
+    """Base class. `t_max` is where sampling starts (the prior); t = 0 is the data."""
+
+    t_max: float = 1.0
+    num_steps: int | None = None  # N for a discrete DDPM chain, None for a continuous schedule
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dlog_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def t_from_log_alpha(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        """Inverse of `log_alpha` (decreasing in t), by vectorised bisection on [0, 1].
+
+        A fixed number of halvings, so no data-dependent loop and no host synchronisation.
+        Subclasses with a closed form override this.
+        """
+        lo = torch.zeros_like(log_alpha)
+        hi = torch.ones_like(log_alpha)
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            above = self.log_alpha(mid) > log_alpha  # mid is still too early
+            lo = torch.where(above, mid, lo)
+            hi = torch.where(above, hi, mid)
+        return 0.5 * (lo + hi)
+
+    def discretize(self, N: int) -> torch.Tensor:
+        """DDPM betas whose chain matches this schedule at the knots t = n/N:
+        beta_n = 1 - alpha(n/N)^2 / alpha((n-1)/N)^2 (the 'respacing' of Nichol & Dhariwal 2021)."""
+        la = self.log_alpha(torch.arange(N + 1, dtype=F64) / N)
+        return -torch.expm1(2.0 * (la[1:] - la[:-1]))
+
+
+class LinearSchedule(Schedule):
+    """beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, VP-SDE)."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        for name, value in (("beta_min", beta_min), ("beta_max", beta_max)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name}={value!r}: expected a finite number")
+        if beta_min < 0:
+            raise ValueError(f"beta_min={beta_min!r}: must be >= 0")
+        if beta_max <= 0 or beta_max < beta_min:
+            raise ValueError(f"beta_max={beta_max!r}: must be > 0 and >= beta_min={beta_min!r}")
+        self.beta_min, self.beta_max = float(beta_min), float(beta_max)
+
+    def __repr__(self):
+        return f"LinearSchedule(beta_min={self.beta_min}, beta_max={self.beta_max})"
+
+    def log_alpha(self, t):
+        t = as_time(t)
+        return -0.5 * t * (self.beta_min + 0.5 * t * (self.beta_max - self.beta_min))
+
+    def dlog_alpha(self, t):
+        t = as_time(t)
+        return -0.5 * (self.beta_min + t * (self.beta_max - self.beta_min))
+
+    def t_from_log_alpha(self, log_alpha):
+        # Solve beta_min t + (delta/2) t^2 = c, c = -2 log alpha, in the cancellation-free form.
+        c = -2.0 * as_time(log_alpha)
+        delta = self.beta_max - self.beta_min
+        return 2.0 * c / (self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * delta * c))
+
+    def discretize(self, N: int) -> torch.Tensor:
+        """Song et al.'s DDPM discretisation beta_i = beta((i-1)/(N-1)) / N; N = 1000 gives
+        Ho et al.'s linspace(1e-4, 0.02, 1000)."""
+        if self.beta_max / N >= 1.0:
+            raise ValueError(
+                f"N={N}: the linear schedule's DDPM betas beta_max/N must be < 1; use N > {self.beta_max:g}"
+            )
+        return torch.linspace(self.beta_min / N, self.beta_max / N, N, dtype=F64)
+
+
+class CosineSchedule(Schedule):
+    """alpha_bar(t) = f(t)/f(0), f(t) = cos^2((t+s)/(1+s) pi/2) (Nichol & Dhariwal 2021).
+
+    beta(t) diverges at t = 1 (alpha(1) = 0), so sampling starts at `t_max` < 1: by default
+    0.9946, where alpha^2 is about 7e-5, the choice of Lu et al. (DPM-Solver, 2022).
+    """
+
+    def __init__(self, s: float = 0.008, t_max: float = 0.9946):
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+            raise ValueError(f"s={s!r}: the cosine offset must be a finite number >= 0")
+        if isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not 0 < t_max < 1:
+            raise ValueError(f"t_max={t_max!r}: must lie in (0, 1); alpha(1) = 0 for the cosine schedule")
+        self.s, self.t_max = float(s), float(t_max)
+        self._log_cos0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+
+    def __repr__(self):
+        return f"CosineSchedule(s={self.s}, t_max={self.t_max})"
+
+    def _angle(self, t):
+        return (as_time(t) + self.s) / (1 + self.s) * (math.pi / 2)
+
+    def log_alpha(self, t):
+        return torch.log(torch.cos(self._angle(t))) - self._log_cos0
+
+    def dlog_alpha(self, t):
+        return -torch.tan(self._angle(t)) * (math.pi / (2 * (1 + self.s)))
+
+    def t_from_log_alpha(self, log_alpha):
+        angle = torch.arccos(torch.exp(as_time(log_alpha) + self._log_cos0))
+        return angle * (2 * (1 + self.s) / math.pi) - self.s
+
+    def discretize(self, N: int) -> torch.Tensor:
+        """Nichol & Dhariwal's betas, clipped at 0.999 where alpha -> 0."""
+        return super().discretize(N).clamp(max=0.999)
+
+
+class DiscreteSchedule(Schedule):
+    """A DDPM chain of N = len(betas) steps as a VP-SDE.
+
+    Step n = 1..N sits at t = n/N with alpha(n/N)^2 = alpha_bar_n = prod_{i<=n} (1 - beta_i);
+    log alpha is linear between the knots, so beta(t) = -N log(1 - beta_n) on ((n-1)/N, n/N].
+    """
+
+    def __init__(self, betas):
+        betas = torch.as_tensor(betas, dtype=F64).detach().cpu()
+        if betas.ndim != 1 or betas.numel() == 0:
+            raise ValueError(f"betas: expected a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
+        bad = ~((betas > 0) & (betas < 1))
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"betas[{i}]={betas[i].item()!r}: every beta must lie in the open interval (0, 1)")
+        self.betas = betas
+        self.num_steps = betas.numel()
+        # log alpha at the knots n/N, n = 0..N (alpha(0) = 1).
+        self.knots = torch.cat([torch.zeros(1, dtype=F64), 0.5 * torch.cumsum(torch.log1p(-betas), 0)])
+
+    def __repr__(self):
+        return f"DiscreteSchedule(N={self.num_steps})"
+
+    def _segment(self, t):
+        """Index n-1 of the segment ((n-1)/N, n/N] holding t, and t's position N t."""
+        pos = as_time(t) * self.num_steps
+        seg = (torch.ceil(pos) - 1).clamp(0, self.num_steps - 1).long()
+        return seg, pos
+
+    def log_alpha(self, t):
+        seg, pos = self._segment(t)
+        knots = self.knots.to(seg.device)
+        left, right = knots[seg], knots[seg + 1]
+        return left + (pos - seg) * (right - left)
+
+    def dlog_alpha(self, t):
+        seg, _ = self._segment(t)
+        knots = self.knots.to(seg.device)
+        return (knots[seg + 1] - knots[seg]) * self.num_steps
+
+    def t_from_log_alpha(self, log_alpha):
+        log_alpha = as_time(log_alpha)
+        knots = self.knots.to(log_alpha.device)
+        seg = (torch.searchsorted(-knots, -log_alpha.contiguous()) - 1).clamp(0, self.num_steps - 1)
+        left, right = knots[seg], knots[seg + 1]
+        return (seg + (log_alpha - left) / (right - left)) / self.num_steps
+
+    def discretize(self, N: int) -> torch.Tensor:
+        if N == self.num_steps:
+            return self.betas.clone()
+        return super().discretize(N)

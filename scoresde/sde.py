@@ -1,0 +1,139 @@
+"""The variance-preserving SDE dx = -1/2 beta(t) x dt + sqrt(beta(t)) dw (Song et al. 2021).
+
+The discrete DDPM chain is the same object: `VPSDE.from_betas(betas)` is a VP-SDE whose alpha
+matches the chain's alpha_bar at t = n/N. All schedule math is float64; t broadcasts in any shape.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._util import F64, as_time, per_sample
+from .schedules import CosineSchedule, DiscreteSchedule, LinearSchedule, Schedule
+
+
+def _check_steps_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r}: expected an int >= 1")
+    if value < 1:
+        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+    return value
+
+
+class VPSDE:
+    """A VP-SDE given by a `Schedule`. Time runs from t = 0 (data) to t = T (prior)."""
+
+    def __init__(self, schedule: Schedule):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule={schedule!r}: expected a scoresde.schedules.Schedule")
+        self.schedule = schedule
+
+    # ---- constructors -----------------------------------------------------------------
+    @classmethod
+    def linear(cls, beta_min: float = 0.1, beta_max: float = 20.0) -> "VPSDE":
+        return cls(LinearSchedule(beta_min, beta_max))
+
+    @classmethod
+    def cosine(cls, s: float = 0.008, t_max: float = 0.9946) -> "VPSDE":
+        return cls(CosineSchedule(s, t_max))
+
+    @classmethod
+    def from_betas(cls, betas) -> "VPSDE":
+        """The DDPM chain of len(betas) steps as a VP-SDE (step n sits at t = n/N)."""
+        return cls(DiscreteSchedule(betas))
+
+    def __repr__(self):
+        return f"VPSDE({self.schedule!r})"
+
+    # ---- time range ---------------------------------------------------------------------
+    @property
+    def T(self) -> float:
+        """Where sampling starts: the prior N(0, I)."""
+        return self.schedule.t_max
+
+    @property
+    def num_steps(self) -> int | None:
+        """N of a discrete chain; None for a continuous schedule."""
+        return self.schedule.num_steps
+
+    @property
+    def t_min(self) -> float:
+        """Default end of sampling: 1/N for a chain (its first step), 1e-3 otherwise."""
+        return 1.0 / self.num_steps if self.num_steps else 1e-3
+
+    # ---- the DDPM index <-> t mapping (the only place it lives) ---------------------------
+    def t_to_index(self, t, N: int | None = None):
+        """Step n (1..N, possibly fractional) of the chain at time t: n = t N."""
+        return t * self._chain_length(N)
+
+    def index_to_t(self, n, N: int | None = None):
+        return n / self._chain_length(N)
+
+    def _chain_length(self, N):
+        N = N if N is not None else self.num_steps
+        if N is None:
+            raise ValueError("N=None: a continuous schedule needs the chain length N for index time")
+        return N
+
+    # ---- marginal ----------------------------------------------------------------------------
+    def log_alpha(self, t) -> torch.Tensor:
+        return self.schedule.log_alpha(as_time(t))
+
+    def alpha(self, t) -> torch.Tensor:
+        return torch.exp(self.log_alpha(t))
+
+    def sigma(self, t) -> torch.Tensor:
+        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+
+    def log_snr(self, t) -> torch.Tensor:
+        """Half log-SNR lambda(t) = log(alpha/sigma), strictly decreasing in t."""
+        la = self.log_alpha(t)
+        return la - 0.5 * torch.log(-torch.expm1(2.0 * la))
+
+    def t_from_log_snr(self, lam) -> torch.Tensor:
+        """Inverse of `log_snr`: alpha^2 = sigmoid(2 lambda), so log alpha = -softplus(-2 lambda)/2."""
+        lam = as_time(lam)
+        return self.schedule.t_from_log_alpha(-0.5 * F.softplus(-2.0 * lam, threshold=40.0))
+
+    def beta(self, t) -> torch.Tensor:
+        """beta(t) = -2 d log alpha / dt."""
+        return -2.0 * self.schedule.dlog_alpha(as_time(t))
+
+    def marginal(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha_t x0 + sigma_t noise, with t a float or a (batch,) tensor."""
+        return per_sample(self.alpha(t), x0) * x0 + per_sample(self.sigma(t), x0) * noise
+
+    # ---- the SDE ------------------------------------------------------------------------------
+    def drift(self, x: torch.Tensor, t) -> torch.Tensor:
+        return -0.5 * per_sample(self.beta(t), x) * x
+
+    def diffusion(self, t) -> torch.Tensor:
+        return torch.sqrt(self.beta(t))
+
+    def reverse_drift(self, x: torch.Tensor, t, score: torch.Tensor) -> torch.Tensor:
+        """f - g^2 score, the drift of the reverse-time SDE (in dt, run backwards)."""
+        return self.drift(x, t) - per_sample(self.beta(t), x) * score
+
+    def pf_drift(self, x: torch.Tensor, t, score: torch.Tensor) -> torch.Tensor:
+        """f - g^2 score / 2, the probability-flow ODE's velocity dx/dt."""
+        return self.drift(x, t) - 0.5 * per_sample(self.beta(t), x) * score
+
+    # ---- prior -----------------------------------------------------------------------------------
+    def prior_sample(self, shape, *, generator=None, dtype=None, device=None) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+
+    def prior_logp(self, x: torch.Tensor) -> torch.Tensor:
+        """log N(x; 0, I) per sample."""
+        d = x[0].numel()
+        return -0.5 * x.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
+
+    # ---- the discrete chain -------------------------------------------------------------------
+    def discretize(self, N: int) -> torch.Tensor:
+        """DDPM betas (float64) of an N-step chain: Song et al.'s for the linear schedule,
+        alpha_bar-matching otherwise; `from_betas(sde.discretize(N))` reproduces a chain's betas."""
+        return self.schedule.discretize(_check_steps_count("N", N))
+
+
+__all__ = ["VPSDE", "F64"]

@@ -1,0 +1,178 @@
+"""The solver registry and `sample`, the one entry point every solver runs through."""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .._util import F64
+from ..grids import GRIDS
+from ..prediction import Denoiser, eps_to_x0
+from ..sde import VPSDE
+from .base import SOLVERS, BrownianNoise, GaussianNoise, ModelRun, Solver, register
+from . import ancestral, ode, sde as _sde_solvers  # noqa: F401  (each registers its solvers)
+
+DEFAULT_NFE = 50  # steps default to about this many model calls
+
+
+@dataclass
+class SampleInfo:
+    """What a sampling run did: model calls (the final denoising step included) and its grid."""
+
+    nfe: int
+    solver: str
+    steps: int | None
+    times: torch.Tensor  # float64, from T down to t_end
+
+
+def _solver(name) -> Solver:
+    if not isinstance(name, str):
+        raise TypeError(f"solver={name!r}: expected a solver name (str), one of {sorted(SOLVERS)}")
+    if name not in SOLVERS:
+        close = difflib.get_close_matches(name, SOLVERS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"solver={name!r} is unknown{hint} Known solvers: {', '.join(sorted(SOLVERS))}")
+    return SOLVERS[name]
+
+
+def _check_options(spec: Solver, options: dict):
+    unknown = sorted(set(options) - set(spec.options))
+    if unknown:
+        allowed = ", ".join(spec.options) or "none"
+        raise TypeError(f"solver {spec.name!r} got unknown option(s) {', '.join(unknown)}; its options: {allowed}")
+
+
+def _check_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}={value!r}: expected an int >= 1")
+    if value < 1:
+        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+
+
+def _check_t_end(sde: VPSDE, t_end):
+    if t_end is None:
+        return sde.t_min
+    if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
+        raise TypeError(f"t_end={t_end!r}: expected a float in (0, {sde.T}) (t = 0 is the data)")
+    if not 0.0 < t_end < sde.T:
+        raise ValueError(f"t_end={t_end!r}: expected a float in (0, {sde.T}) (t = 0 is the data)")
+    return float(t_end)
+
+
+def _check_times(times, sde: VPSDE, what: str) -> torch.Tensor:
+    if not isinstance(times, torch.Tensor) or times.ndim != 1 or times.numel() < 2:
+        raise ValueError(f"{what}: expected a 1-D tensor of at least 2 times from T down to t_end")
+    times = times.detach().to("cpu", F64)
+    if not torch.isfinite(times).all() or not (times[1:] < times[:-1]).all():
+        raise ValueError(f"{what}: times must be finite and strictly decreasing, got {times.tolist()[:8]}...")
+    if times[-1] <= 0 or times[0] > sde.T:
+        raise ValueError(f"{what}: times must lie in (0, {sde.T}], got [{times[-1].item()}, {times[0].item()}]")
+    return times
+
+
+def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end):
+    """The float64 CPU grid from T down to t_end, after checking steps/grid/t_end together."""
+    if isinstance(grid, torch.Tensor):
+        times = _check_times(grid, sde, "grid")
+        if steps is not None and steps != len(times) - 1:
+            raise ValueError(f"steps={steps!r} disagrees with the explicit grid of {len(times) - 1} steps")
+        if t_end is not None and not math.isclose(t_end, times[-1].item()):
+            raise ValueError(f"t_end={t_end!r} disagrees with the explicit grid's last time {times[-1].item()}")
+        return times
+    t_end = _check_t_end(sde, t_end)
+    if spec.adaptive:
+        if steps is not None or grid is not None:
+            raise ValueError(f"solver {spec.name!r} is adaptive: it takes rtol/atol, not steps={steps!r} "
+                             f"or grid={grid!r}")
+        return torch.tensor([sde.T, t_end], dtype=F64)
+    if steps is None:
+        steps = max(1, DEFAULT_NFE // spec.nfe_per_step)
+    _check_int("steps", steps)
+    grid = spec.grid if grid is None else grid
+    if isinstance(grid, str):
+        if grid not in GRIDS:
+            raise ValueError(f"grid={grid!r}: expected one of {sorted(GRIDS)}, a tensor of times or a callable")
+        grid = GRIDS[grid]
+    if not callable(grid):
+        raise TypeError(f"grid={grid!r}: expected one of {sorted(GRIDS)}, a tensor of times or a callable")
+    return _check_times(grid(sde, steps, sde.T, t_end), sde, "grid(...)")
+
+
+def _initial_state(x_T, shape, dtype, device, noise):
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype={dtype!r}: expected a floating torch.dtype")
+    if x_T is not None:
+        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
+            raise TypeError(f"x_T: expected a floating tensor of shape (batch, ...), got {type(x_T).__name__}")
+        if shape is not None and tuple(shape) != tuple(x_T.shape):
+            raise ValueError(f"shape={tuple(shape)} disagrees with x_T.shape={tuple(x_T.shape)}")
+        if dtype is not None and dtype != x_T.dtype:
+            raise ValueError(f"dtype={dtype} disagrees with x_T.dtype={x_T.dtype}; cast x_T or drop dtype")
+        if device is not None and torch.device(device) != x_T.device:
+            raise ValueError(f"device={device} disagrees with x_T.device={x_T.device}; move x_T or drop device")
+        return x_T
+    if shape is None:
+        raise ValueError("give shape=(batch, ...) or x_T")
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 1 or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape):
+        raise ValueError(f"shape={shape!r}: expected a tuple of ints >= 1, batch first")
+    dtype = dtype or torch.get_default_dtype()
+    return noise.draw(tuple(shape), dtype, torch.device(device or "cpu"))
+
+
+def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", steps: int | None = None,
+           grid=None, t_end: float | None = None, final_denoise: bool = True, generator=None, noise=None,
+           dtype=None, device=None, callback=None, progress: bool = False, return_info: bool = False,
+           **options):
+    """Draw samples by running `solver` from the prior at T down to `t_end`.
+
+    model: a `Denoiser`, or a callable model(x, t) -> eps with t a (batch,) tensor of times.
+    steps, grid: the step count and the time grid ("uniform", "quadratic", "log_snr", "karras",
+        a callable grid(sde, steps, t_start, t_end) or an explicit decreasing tensor of times);
+        adaptive solvers ("dopri5", "rk45") take neither. Defaults: about 50 model calls on the
+        solver's own default grid.
+    t_end: where the solver stops (default: sde.t_min); final_denoise then returns x0_hat there
+        (one more model call).
+    generator / noise: a torch.Generator (or a list, one per sample) seeds x_T and every draw;
+        `noise` replaces the noise source (e.g. `BrownianNoise` to couple runs).
+    callback(i, t, x): called after each step. progress: show a progress bar of model calls.
+    return_info: also return a `SampleInfo` (NFE, grid). **options: the solver's own options.
+    """
+    if not isinstance(sde, VPSDE):
+        raise TypeError(f"sde={sde!r}: expected a scoresde.VPSDE")
+    if not callable(model):
+        raise TypeError(f"model={model!r}: expected a Denoiser or a callable model(x, t) -> eps")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback={callback!r}: expected a callable callback(i, t, x) or None")
+    if not isinstance(final_denoise, bool):
+        raise TypeError(f"final_denoise={final_denoise!r}: expected True or False")
+    spec = _solver(solver)
+    _check_options(spec, options)
+    times = _time_grid(spec, sde, steps, grid, t_end)
+    noise = GaussianNoise(generator) if noise is None else noise
+    x = _initial_state(x_T, shape, dtype, device, noise)
+
+    denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sde)
+    total = None if spec.adaptive else (len(times) - 1) * spec.nfe_per_step + final_denoise
+    run = ModelRun(denoiser, sde, progress=progress, total=total)
+    t_host = times.tolist()
+
+    def on_step(i, x_now):
+        run.step = i + 1
+        if callback is not None:
+            callback(i, t_host[i + 1], x_now)
+
+    x = spec.fn(run, x, times, noise=noise, callback=on_step, **options)
+    if final_denoise:
+        t_last = t_host[-1]
+        eps = run(x, t_last)
+        x = eps_to_x0(x, eps, float(sde.alpha(times[-1])), float(sde.sigma(times[-1])))
+    run.check_finite()
+    if return_info:
+        return x, SampleInfo(run.nfe, spec.name, None if spec.adaptive else len(times) - 1, times)
+    return x
+
+
+__all__ = ["SOLVERS", "sample", "register", "Solver", "SampleInfo", "GaussianNoise", "BrownianNoise"]

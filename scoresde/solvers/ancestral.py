@@ -1,0 +1,63 @@
+"""Ancestral DDPM sampling and DDIM: draws from the Gaussian posterior q(x_s | x_t, x0_hat).
+
+Both step as x_s = alpha_s x0_hat + c_eps eps_hat + c_z z with coefficients fixed before the loop.
+From t to s < t, with alpha_ts = alpha_t/alpha_s and sigma_ts^2 = 1 - alpha_ts^2, the posterior
+has variance sigma_tilde^2 = sigma_ts^2 sigma_s^2 / sigma_t^2, and its mean in this form has
+c_eps = alpha_ts sigma_s^2 / sigma_t. On the N-step grid of a discrete chain this is Ho et al.'s
+Algorithm 2; DDIM(eta) (Song et al. 2021) keeps the marginals with c_eps = sqrt(sigma_s^2 - eta^2 sigma_tilde^2).
+"""
+from __future__ import annotations
+
+import torch
+
+from .._util import host_floats
+from ..prediction import eps_to_x0
+from .base import register
+
+VARIANCES = ("posterior", "beta")
+
+
+def _posterior_terms(sde, times):
+    """Per-step float64 tensors: alpha_t, sigma_t, alpha_s, sigma_s, sigma_ts^2, sigma_tilde^2."""
+    la_t, la_s = sde.log_alpha(times[:-1]), sde.log_alpha(times[1:])
+    var_t, var_s = -torch.expm1(2 * la_t), -torch.expm1(2 * la_s)  # sigma^2 = 1 - alpha^2
+    var_ts = -torch.expm1(2 * (la_t - la_s))
+    return dict(alpha_t=la_t.exp(), sigma_t=var_t.sqrt(), alpha_s=la_s.exp(), sigma_s=var_s.sqrt(),
+                var_ts=var_ts, var_tilde=var_ts * var_s / var_t)
+
+
+def _x0_eps_noise_loop(model, x, times, noise, callback, p, c_eps, c_z):
+    alpha_t, sigma_t, alpha_s = (host_floats(p[k]) for k in ("alpha_t", "sigma_t", "alpha_s"))
+    c_eps, c_z, t_host = host_floats(c_eps), host_floats(c_z), host_floats(times)
+    for i in range(len(c_eps)):
+        eps = model(x, t_host[i])
+        x0 = eps_to_x0(x, eps, alpha_t[i], sigma_t[i])
+        x = (x0 * alpha_s[i]).add_(eps, alpha=c_eps[i])
+        if c_z[i]:
+            x = x.add_(noise(x, t_host[i], t_host[i + 1]), alpha=c_z[i])
+        callback(i, x)
+    return x
+
+
+@register("ancestral", grid="uniform", stochastic=True)
+def ancestral(model, x, times, *, noise, callback, variance: str = "posterior"):
+    """Ancestral sampling from the DDPM posterior (Ho et al. 2020) on any grid.
+    variance="posterior" draws with sigma_tilde^2 (the exact posterior), "beta" with sigma_ts^2
+    (Ho et al.'s other choice, sigma_t^2 = beta_t)."""
+    if variance not in VARIANCES:
+        raise ValueError(f"variance={variance!r}: expected one of {VARIANCES}")
+    p = _posterior_terms(model.sde, times)
+    c_eps = (p["alpha_t"] / p["alpha_s"]) * p["sigma_s"] ** 2 / p["sigma_t"]
+    c_z = (p["var_tilde"] if variance == "posterior" else p["var_ts"]).sqrt()
+    return _x0_eps_noise_loop(model, x, times, noise, callback, p, c_eps, c_z)
+
+
+@register("ddim", grid="uniform", stochastic=True)
+def ddim(model, x, times, *, noise, callback, eta: float = 0.0):
+    """DDIM (Song, Meng & Ermon 2021): eta = 0 is deterministic (the PF-ODE's first-order
+    exponential integrator), eta = 1 is ancestral sampling."""
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta={eta!r}: expected a number in [0, 1]")
+    p = _posterior_terms(model.sde, times)
+    c_eps = (p["sigma_s"] ** 2 - eta**2 * p["var_tilde"]).clamp(min=0).sqrt()
+    return _x0_eps_noise_loop(model, x, times, noise, callback, p, c_eps, eta * p["var_tilde"].sqrt())

@@ -39,7 +39,7 @@ def _x0_eps_noise_loop(model, x, times, noise, callback, p, c_eps, c_z):
     return x
 
 
-@register("ancestral", grid="uniform", stochastic=True)
+@register("ancestral", grid="log_snr", stochastic=True)
 def ancestral(model, x, times, *, noise, callback, variance: str = "posterior"):
     """Ancestral sampling from the DDPM posterior (Ho et al. 2020) on any grid.
     variance="posterior" draws with sigma_tilde^2 (the exact posterior), "beta" with sigma_ts^2
@@ -52,7 +52,7 @@ def ancestral(model, x, times, *, noise, callback, variance: str = "posterior"):
     return _x0_eps_noise_loop(model, x, times, noise, callback, p, c_eps, c_z)
 
 
-@register("ddim", grid="uniform", stochastic=True)
+@register("ddim", grid="log_snr", stochastic=True)
 def ddim(model, x, times, *, noise, callback, eta: float = 0.0):
     """DDIM (Song, Meng & Ermon 2021): eta = 0 is deterministic (the PF-ODE's first-order
     exponential integrator), eta = 1 is ancestral sampling."""

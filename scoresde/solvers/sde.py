@@ -8,7 +8,7 @@ from .._util import F64, host_floats
 from .base import register
 
 
-@register("euler_maruyama", grid="uniform", stochastic=True)
+@register("euler_maruyama", grid="log_snr", stochastic=True)
 def euler_maruyama(model, x, times, *, noise, callback):
     """Euler-Maruyama on the reverse SDE, with score = -eps/sigma:
     x <- x + dt (beta x / 2 - beta eps / sigma) + sqrt(beta dt) z,  dt = t_i - t_{i+1} > 0."""
@@ -27,7 +27,8 @@ def euler_maruyama(model, x, times, *, noise, callback):
     return x
 
 
-STRATONOVICH_ONLY = ("midpoint", "heun", "reversible_heun", "log_ode")
+TORCHSDE_METHODS = ("euler", "milstein", "srk", "midpoint", "heun")
+STRATONOVICH_ONLY = ("midpoint", "heun")
 
 
 class _ReverseSDE(torch.nn.Module):
@@ -62,15 +63,18 @@ def torchsde_solver(model, x, times, *, noise, callback, method: str = "euler"):
     BrownianInterval seeded from the generator (so the same seed gives the same samples)."""
     import torchsde
 
+    if method not in TORCHSDE_METHODS:
+        raise ValueError(f"method={method!r}: expected one of {TORCHSDE_METHODS}")
     t_host = host_floats(times)
     span, steps = t_host[0] - t_host[-1], len(t_host) - 1
     sde_type = "stratonovich" if method in STRATONOVICH_ONLY else "ito"
     seed = int(noise.draw((1,), torch.float64, "cpu").abs().mul(2**31).long())  # sync: once, CPU
     flat = x.reshape(x.shape[0], -1)
+    # Time runs in float64 so that `steps` steps of dt land exactly on the span's end.
+    ts = torch.tensor([0.0, span], dtype=torch.float64, device=x.device)
     bm = torchsde.BrownianInterval(t0=0.0, t1=span, size=flat.shape, dtype=x.dtype, device=x.device,
                                    entropy=seed, levy_area_approximation="space-time")
     func = _ReverseSDE(model, x.shape, t_host[0], sde_type)
-    ts = torch.tensor([0.0, span], dtype=x.dtype, device=x.device)
     y = torchsde.sdeint(func, flat, ts, bm=bm, method=method, dt=span / steps)[-1]
     x = y.reshape(x.shape)
     callback(0, x)

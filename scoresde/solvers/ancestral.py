@@ -52,7 +52,7 @@ def ancestral(model, x, times, *, noise, callback, variance: str = "posterior"):
     return _x0_eps_noise_loop(model, x, times, noise, callback, p, c_eps, c_z)
 
 
-@register("ddim", grid="log_snr", stochastic=True)
+@register("ddim", grid="quadratic", stochastic=True)
 def ddim(model, x, times, *, noise, callback, eta: float = 0.0):
     """DDIM (Song, Meng & Ermon 2021): eta = 0 is deterministic (the PF-ODE's first-order
     exponential integrator), eta = 1 is ancestral sampling."""

@@ -72,19 +72,19 @@ def _runge_kutta(tableau, model, x, times, callback):
     return x
 
 
-@register("euler", grid="log_snr")
+@register("euler", grid="quadratic")
 def euler(model, x, times, *, noise, callback):
     """Euler's method on dy/ds = eps (first order; equals DDIM with eta = 0)."""
     return _runge_kutta(EULER, model, x, times, callback)
 
 
-@register("heun", grid="log_snr", nfe_per_step=2)
+@register("heun", grid="quadratic", nfe_per_step=2)
 def heun(model, x, times, *, noise, callback):
     """Heun's method (explicit trapezoid, second order; Karras et al. 2022's deterministic sampler)."""
     return _runge_kutta(HEUN, model, x, times, callback)
 
 
-@register("rk4", grid="log_snr", nfe_per_step=4)
+@register("rk4", grid="quadratic", nfe_per_step=4)
 def rk4(model, x, times, *, noise, callback):
     """The classical fourth-order Runge-Kutta method."""
     return _runge_kutta(RK4, model, x, times, callback)

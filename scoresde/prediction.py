@@ -101,7 +101,10 @@ class Denoiser:
 
     def _net_time(self, t, x):
         """The network's time argument for time t (a float or a tensor), as a (batch,) tensor."""
-        t = as_time(t, device=x.device).expand(x.shape[0])
+        if isinstance(t, (int, float)):  # a fill kernel: no host-to-device copy, no sync
+            t = torch.full((x.shape[0],), float(t), dtype=F64, device=x.device)
+        else:
+            t = as_time(t, device=x.device).expand(x.shape[0])
         if callable(self.time_input):
             return self.time_input(t)
         if self.time_input == "index":

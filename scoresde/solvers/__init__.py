@@ -110,7 +110,8 @@ def _initial_state(x_T, shape, dtype, device, noise):
             raise ValueError(f"shape={tuple(shape)} disagrees with x_T.shape={tuple(x_T.shape)}")
         if dtype is not None and dtype != x_T.dtype:
             raise ValueError(f"dtype={dtype} disagrees with x_T.dtype={x_T.dtype}; cast x_T or drop dtype")
-        if device is not None and torch.device(device) != x_T.device:
+        wanted = torch.device(device) if device is not None else x_T.device
+        if wanted.type != x_T.device.type or wanted.index not in (None, x_T.device.index):
             raise ValueError(f"device={device} disagrees with x_T.device={x_T.device}; move x_T or drop device")
         return x_T
     if shape is None:

@@ -101,14 +101,18 @@ class Denoiser:
 
     def _net_time(self, t, x):
         """The network's time argument for time t (a float or a tensor), as a (batch,) tensor."""
-        if isinstance(t, (int, float)):  # a fill kernel: no host-to-device copy, no sync
-            t = torch.full((x.shape[0],), float(t), dtype=F64, device=x.device)
-        else:
-            t = as_time(t, device=x.device).expand(x.shape[0])
+        batch = (x.shape[0],)
+        if isinstance(t, (int, float)):  # host scalars: a fill kernel, no host-to-device copy
+            if callable(self.time_input):
+                return self.time_input(torch.full(batch, float(t), dtype=F64, device=x.device))
+            if self.time_input == "index":
+                t = self.sde.t_to_index(float(t), self.num_steps) - 1  # 0-based, as diffusers expects
+            return torch.full(batch, float(t), dtype=x.dtype, device=x.device)
+        t = as_time(t, device=x.device).expand(batch)
         if callable(self.time_input):
             return self.time_input(t)
         if self.time_input == "index":
-            t = self.sde.t_to_index(t, self.num_steps) - 1  # 0-based index, as diffusers models expect
+            t = self.sde.t_to_index(t, self.num_steps) - 1
         return t.to(x.dtype)
 
     def _alpha_sigma(self, t, x):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 from .._util import host_floats
-from ..prediction import eps_to_x0
 from .base import register
 
 VARIANCES = ("posterior", "beta")
@@ -27,12 +26,15 @@ def _posterior_terms(sde, times):
 
 
 def _x0_eps_noise_loop(model, x, times, noise, callback, p, c_eps, c_z):
-    alpha_t, sigma_t, alpha_s = (host_floats(p[k]) for k in ("alpha_t", "sigma_t", "alpha_s"))
-    c_eps, c_z, t_host = host_floats(c_eps), host_floats(c_z), host_floats(times)
-    for i in range(len(c_eps)):
+    """x_s = alpha_s x0_hat + c_eps eps + c_z z with x0_hat = (x - sigma_t eps)/alpha_t folded into
+    the coefficients: x_s = (alpha_s/alpha_t) x + (c_eps - sigma_t alpha_s/alpha_t) eps + c_z z,
+    two passes over x per step instead of five."""
+    ratio = p["alpha_s"] / p["alpha_t"]
+    keep, eps_coef = host_floats(ratio), host_floats(c_eps - ratio * p["sigma_t"])
+    c_z, t_host = host_floats(c_z), host_floats(times)
+    for i in range(len(keep)):
         eps = model(x, t_host[i])
-        x0 = eps_to_x0(x, eps, alpha_t[i], sigma_t[i])
-        x = (x0 * alpha_s[i]).add_(eps, alpha=c_eps[i])
+        x = torch.add(x * keep[i], eps, alpha=eps_coef[i])
         if c_z[i]:
             x = x.add_(noise(x, t_host[i], t_host[i + 1]), alpha=c_z[i])
         callback(i, x)

@@ -63,9 +63,9 @@ class ModelRun:
     def __init__(self, denoiser: Denoiser, sde, *, progress: bool = False, total: int | None = None):
         self.denoiser, self.sde = denoiser, sde
         self.nfe, self.step = 0, 0
-        self._finite: list[torch.Tensor] = []
-        self._where: list[tuple[int, object]] = []
-        self._bar = tqdm(total=total, unit="NFE", disable=not progress, leave=False)
+        self._sums: list[torch.Tensor] = []  # one reduction per call, read after the loop
+        self._where: list[tuple[int, float]] = []
+        self._bar = tqdm(total=total, unit="NFE", leave=False) if progress else None
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         eps = self.denoiser.eps(x, t)
@@ -74,17 +74,21 @@ class ModelRun:
                 f"model output has shape {tuple(eps.shape)}, expected the input's {tuple(x.shape)} "
                 f"(step {self.step}, t={float(t):.6g})")
         self.nfe += 1
-        self._finite.append(torch.isfinite(eps).all())
+        # A sum is NaN or inf whenever an element is, and costs one pass where isfinite() costs
+        # several; accumulating in at least float32 keeps half-precision sums from overflowing.
+        self._sums.append(eps.sum(dtype=torch.promote_types(eps.dtype, torch.float32)))
         self._where.append((self.step, t))
-        self._bar.update()
-        return eps.to(x.dtype)
+        if self._bar is not None:
+            self._bar.update()
+        return eps if eps.dtype == x.dtype else eps.to(x.dtype)
 
     def check_finite(self):
         """Raise if any model output held NaN or inf, naming the first step and t."""
-        self._bar.close()
-        if not self._finite:
+        if self._bar is not None:
+            self._bar.close()
+        if not self._sums:
             return
-        finite = torch.stack(self._finite)
+        finite = torch.isfinite(torch.stack(self._sums))
         if not bool(finite.all()):  # sync: once, after the loop
             call = int((~finite).nonzero()[0])
             step, t = self._where[call]

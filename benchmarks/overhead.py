@@ -19,7 +19,12 @@ reports
     overhead per step = (loop time - bare model time) / steps
 
 (and per model call), with each loop's overhead as a ratio of diffusers DDIM's. Times are
-medians over `--repeats` repetitions, each long enough (`--min-time`) for perf_counter to resolve.
+perf_counter medians (or minima, --stat min) over `--repeats` rounds; each round times every case in turn (shuffled), each
+case long enough (`--min-time`) for the clock to resolve, so load changes hit all cases alike.
+The last column repeats the ratio from process CPU time, which ignores time spent descheduled.
+
+On a shared or busy machine, pass --threads 1: per-step overhead is a single-thread latency, and
+multi-threaded kernels stall whenever another process holds a core.
 
     python benchmarks/overhead.py [--steps 50] [--batch 64] [--repeats 7] [--out results/overhead]
 
@@ -32,6 +37,7 @@ import json
 import math
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -56,24 +62,36 @@ def trivial_model(x, t):
 
 
 # ---- timing ---------------------------------------------------------------------------------
-def _median_times(loop, bare, repeats: int, min_time: float):
-    """Median seconds per call of `loop` and of `bare`, timed alternately in each repetition so
-    that drifts in machine load hit both alike. Each repetition runs as many calls as fill
-    `min_time` (at least one); two warm-up calls go first."""
-    for _ in range(2):
-        loop(), bare()
-    t0 = time.perf_counter()
-    loop()
-    once = time.perf_counter() - t0
-    inner = max(1, math.ceil(min_time / max(once, 1e-9)))
-    loops, bares = [], []
-    for _ in range(repeats):
-        for fn, out in ((loop, loops), (bare, bares)):
-            t0 = time.perf_counter()
-            for _ in range(inner):
+class Case:
+    """One loop and its bare model calls. Timed in rounds: every repetition times each case's
+    loop and then its bare calls, all cases in turn (in a shuffled order), so that changes in
+    machine load during the run hit every case and both halves of a difference alike."""
+
+    def __init__(self, setting, library, name, loop, bare, steps, nfe, bridge=False):
+        self.setting, self.library, self.name, self.bridge = setting, library, name, bridge
+        self.loop, self.bare, self.steps, self.nfe = loop, bare, steps, nfe
+        self.inner = 1
+        self.wall = {"loop": [], "bare": []}  # seconds per call, time.perf_counter
+        self.cpu = {"loop": [], "bare": []}   # seconds per call, time.process_time (all threads)
+
+    def warm_up(self, min_time: float):
+        """Two warm-up calls of each, then as many calls per repetition as fill `min_time`."""
+        for _ in range(2):
+            self.loop(), self.bare()
+        t0 = time.perf_counter()
+        self.loop()
+        once = time.perf_counter() - t0
+        self.inner = max(1, math.ceil(min_time / max(once, 1e-9)))
+
+    def time_once(self):
+        for part in ("loop", "bare"):
+            fn = getattr(self, part)
+            w0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(self.inner):
                 fn()
-            out.append((time.perf_counter() - t0) / inner)
-    return statistics.median(loops), statistics.median(bares), inner
+            c1, w1 = time.process_time(), time.perf_counter()
+            self.wall[part].append((w1 - w0) / self.inner)
+            self.cpu[part].append((c1 - c0) / self.inner)
 
 
 def _bare_calls(model, x, nfe: int):
@@ -98,19 +116,25 @@ class Row:
     model_us_per_step: float
     overhead_us_per_step: float
     overhead_us_per_nfe: float
+    cpu_overhead_us_per_step: float  # the same from process time: robust to a busy machine
     ratio_to_ddim_per_step: float | None = None
     ratio_to_ddim_per_nfe: float | None = None
+    cpu_ratio_to_ddim_per_step: float | None = None
     bridge: bool = False
     inner: int = 1
-    notes: list = field(default_factory=list)
+    wall_loop_s: list = field(default_factory=list)
+    wall_bare_s: list = field(default_factory=list)
 
 
-def _row(setting, library, loop_name, steps, nfe, loop_s, bare_s, inner, bridge=False):
-    over = loop_s - bare_s
-    return Row(setting, library, loop_name, steps, nfe,
-               loop_us_per_step=1e6 * loop_s / steps, model_us_per_step=1e6 * bare_s / steps,
-               overhead_us_per_step=1e6 * over / steps, overhead_us_per_nfe=1e6 * over / nfe,
-               bridge=bridge, inner=inner)
+def _row(case: Case, stat: str) -> Row:
+    med = statistics.median if stat == "median" else min
+    loop_s, bare_s = med(case.wall["loop"]), med(case.wall["bare"])
+    over, cpu_over = loop_s - bare_s, med(case.cpu["loop"]) - med(case.cpu["bare"])
+    return Row(case.setting, case.library, case.name, case.steps, case.nfe,
+               loop_us_per_step=1e6 * loop_s / case.steps, model_us_per_step=1e6 * bare_s / case.steps,
+               overhead_us_per_step=1e6 * over / case.steps, overhead_us_per_nfe=1e6 * over / case.nfe,
+               cpu_overhead_us_per_step=1e6 * cpu_over / case.steps, bridge=case.bridge, inner=case.inner,
+               wall_loop_s=case.wall["loop"], wall_bare_s=case.wall["bare"])
 
 
 # ---- the cases --------------------------------------------------------------------------------
@@ -126,17 +150,16 @@ def make_sde(kind: str):
     return sd.VPSDE.linear()
 
 
-def scoresde_case(sde, name, x, steps, repeats, min_time, setting, bridge):
+def scoresde_case(sde, name, x, steps, setting, bridge) -> Case:
     def loop():
         return sd.sample(trivial_model, sde, x_T=x, solver=name, steps=steps, final_denoise=False)
 
     _, info = sd.sample(trivial_model, sde, x_T=x, solver=name, steps=steps, final_denoise=False,
                         return_info=True)
-    loop_s, bare_s, inner = _median_times(loop, _bare_calls(trivial_model, x, info.nfe), repeats, min_time)
-    return _row(setting, "scoresde", name, steps, info.nfe, loop_s, bare_s, inner, bridge)
+    return Case(setting, "scoresde", name, loop, _bare_calls(trivial_model, x, info.nfe), steps, info.nfe, bridge)
 
 
-def diffusers_case(diffusers, cls_name, x, steps, repeats, min_time, setting):
+def diffusers_case(diffusers, cls_name, x, steps, setting) -> Case:
     scheduler = getattr(diffusers, cls_name)()  # default config: linear betas, 1000 train steps
 
     def loop():
@@ -149,8 +172,7 @@ def diffusers_case(diffusers, cls_name, x, steps, repeats, min_time, setting):
 
     scheduler.set_timesteps(steps)
     nfe = len(scheduler.timesteps)
-    loop_s, bare_s, inner = _median_times(loop, _bare_calls(trivial_model, x, nfe), repeats, min_time)
-    return _row(setting, "diffusers", cls_name, nfe, nfe, loop_s, bare_s, inner)
+    return Case(setting, "diffusers", cls_name, loop, _bare_calls(trivial_model, x, nfe), nfe, nfe)
 
 
 # ---- reporting --------------------------------------------------------------------------------
@@ -179,8 +201,13 @@ def machine_info(threads: int) -> dict:
 
 def machine_line(m: dict) -> str:
     diff = f"diffusers {m['diffusers']}" if m["diffusers"] else "diffusers not installed"
-    return (f"{m['cpu']}, {m['usable_cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+    threads = f"{m['torch_threads']} thread{'' if m['torch_threads'] == 1 else 's'}"
+    return (f"{m['cpu']}, {m['usable_cores']} cores, torch {m['torch']} ({threads}), "
             f"{diff}, Python {m['python']}")
+
+
+def _load(avg):
+    return "n/a" if avg is None else f"{avg[0]:.1f}"
 
 
 def _fmt(v, digits=1):
@@ -189,14 +216,15 @@ def _fmt(v, digits=1):
 
 def markdown_table(rows) -> str:
     head = ("| setting | library | loop | NFE/step | loop µs/step | model µs/step | overhead µs/step "
-            "| overhead µs/NFE | overhead ÷ DDIM's (per step) | (per NFE) |")
-    lines = [head, "|" + "---|" * 10]
+            "| overhead µs/NFE | ÷ DDIM, per step | ÷ DDIM, per NFE | ÷ DDIM, per step (CPU time) |")
+    lines = [head, "|---|---|---|" + "---:|" * 8]
     for r in rows:
         name = f"{r.loop} (bridge)" if r.bridge else r.loop
         lines.append(
             f"| {r.setting} | {r.library} | {name} | {r.nfe / r.steps:g} | {_fmt(r.loop_us_per_step)} "
             f"| {_fmt(r.model_us_per_step)} | {_fmt(r.overhead_us_per_step)} | {_fmt(r.overhead_us_per_nfe)} "
-            f"| {_fmt(r.ratio_to_ddim_per_step, 2)} | {_fmt(r.ratio_to_ddim_per_nfe, 2)} |")
+            f"| {_fmt(r.ratio_to_ddim_per_step, 2)} | {_fmt(r.ratio_to_ddim_per_nfe, 2)} "
+            f"| {_fmt(r.cpu_ratio_to_ddim_per_step, 2)} |")
     return "\n".join(lines)
 
 
@@ -210,11 +238,14 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7, help="timed repetitions per case (median)")
+    p.add_argument("--stat", choices=("median", "min"), default="median",
+                   help="how repetitions combine: the median, or the minimum (the undisturbed cost on a busy machine)")
     p.add_argument("--min-time", type=float, default=0.05, help="seconds each repetition lasts at least")
     p.add_argument("--shapes", default="2,3x32x32", help="per-sample shapes, e.g. '2,3x32x32'")
     p.add_argument("--sde", choices=("ddpm", "linear"), default="ddpm",
                    help="scoresde's schedule: 'ddpm' = diffusers' default betas as a VPSDE, 'linear' = Song et al.'s")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core; "
+                   "1 on a shared machine, where multi-threaded kernels stall)")
     p.add_argument("--out", default="results/overhead")
     args = p.parse_args(argv)
 
@@ -235,36 +266,47 @@ def main(argv=None):
 
     sde = make_sde(args.sde)
     solvers = fixed_step_solvers()
-    shapes = parse_shapes(args.shapes)
-    cases = []
-    for shape in shapes:
+    plan = []
+    for shape in parse_shapes(args.shapes):
         setting = "x".join(str(n) for n in (args.batch,) + shape)
-        for name, bridge in solvers:
-            cases.append(("scoresde", name, bridge, setting, shape))
+        plan += [("scoresde", name, bridge, setting, shape) for name, bridge in solvers]
         if diffusers is not None:
-            for cls_name in DIFFUSERS_LOOPS:
-                cases.append(("diffusers", cls_name, False, setting, shape))
+            plan += [("diffusers", cls_name, False, setting, shape) for cls_name in DIFFUSERS_LOOPS]
 
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     start = time.perf_counter()
-    rows = []
-    for library, name, bridge, setting, shape in tqdm(cases, desc="overhead", unit="case"):
-        x = torch.randn((args.batch,) + shape)
-        if library == "scoresde":
-            rows.append(scoresde_case(sde, name, x, args.steps, args.repeats, args.min_time, setting, bridge))
-        else:
-            rows.append(diffusers_case(diffusers, name, x, args.steps, args.repeats, args.min_time, setting))
+    order = random.Random(0)
+    cases = []
+    with tqdm(total=len(plan) * (1 + args.repeats), desc="overhead", unit="case") as bar:
+        for library, name, bridge, setting, shape in plan:  # build and warm up each case
+            bar.set_postfix_str(f"warm-up {setting} {name}")
+            x = torch.randn((args.batch,) + shape)
+            if library == "scoresde":
+                case = scoresde_case(sde, name, x, args.steps, setting, bridge)
+            else:
+                case = diffusers_case(diffusers, name, x, args.steps, setting)
+            case.warm_up(args.min_time)
+            cases.append(case)
+            bar.update()
+        for r in range(args.repeats):  # then time them in rounds
+            bar.set_postfix_str(f"round {r + 1}/{args.repeats}")
+            for case in order.sample(cases, len(cases)):
+                case.time_once()
+                bar.update()
     elapsed = time.perf_counter() - start
     load_after = os.getloadavg() if hasattr(os, "getloadavg") else None
 
+    rows = [_row(case, args.stat) for case in cases]
     for setting in dict.fromkeys(r.setting for r in rows):
         ref = next((r for r in rows if r.setting == setting and f"{r.library} {r.loop}" == REFERENCE), None)
-        if ref is None:
+        if ref is None or ref.overhead_us_per_step <= 0:
             continue
         for r in rows:
-            if r.setting == setting and ref.overhead_us_per_step > 0:
+            if r.setting == setting:
                 r.ratio_to_ddim_per_step = r.overhead_us_per_step / ref.overhead_us_per_step
                 r.ratio_to_ddim_per_nfe = r.overhead_us_per_nfe / ref.overhead_us_per_nfe
+                if ref.cpu_overhead_us_per_step > 0:
+                    r.cpu_ratio_to_ddim_per_step = r.cpu_overhead_us_per_step / ref.cpu_overhead_us_per_step
 
     table = markdown_table(rows)
     notes = [
@@ -273,7 +315,9 @@ def main(argv=None):
         "diffusers: set_timesteps + the step loop, default scheduler configs.",
         "model: eps = x / 2 for both; 'model µs/step' times the same number of bare calls in a plain loop.",
         "overhead = loop - model; ratios divide by diffusers DDIMScheduler's overhead in the same setting.",
-        f"medians of {args.repeats} repetitions; load average {load_before} before, {load_after} after.",
+        "the last column divides overheads measured in process CPU time, which a busy machine inflates less.",
+        f"{'medians' if args.stat == 'median' else 'minima'} of {args.repeats} rounds; 1-minute load average {_load(load_before)} before, "
+        f"{_load(load_after)} after, on {info['usable_cores']} cores; {elapsed:.0f} s in all.",
     ]
     if diffusers is None:
         notes.append("diffusers is not installed: no diffusers rows and no ratios.")

@@ -15,19 +15,19 @@ def _fraction(steps: int) -> torch.Tensor:
 
 
 def _pin_ends(times, t_start, t_end):
-    """Exact end points, whatever the round trip through another variable did."""
+    """Exact end points, whatever rounding or the round trip through another variable did."""
     times[0], times[-1] = t_start, t_end
     return times
 
 
 def uniform(sde, steps: int, t_start: float, t_end: float) -> torch.Tensor:
     """Equal steps in t (DDPM's and Song et al.'s choice)."""
-    return t_start + (t_end - t_start) * _fraction(steps)
+    return _pin_ends(t_start + (t_end - t_start) * _fraction(steps), t_start, t_end)
 
 
 def quadratic(sde, steps: int, t_start: float, t_end: float) -> torch.Tensor:
     """Steps growing quadratically away from the data: t - t_end ~ (1 - i/steps)^2 (DDIM)."""
-    return t_end + (t_start - t_end) * (1.0 - _fraction(steps)) ** 2
+    return _pin_ends(t_end + (t_start - t_end) * (1.0 - _fraction(steps)) ** 2, t_start, t_end)
 
 
 def log_snr(sde, steps: int, t_start: float, t_end: float) -> torch.Tensor:

@@ -33,7 +33,7 @@ def _solver(name) -> Solver:
     if name not in SOLVERS:
         close = difflib.get_close_matches(name, SOLVERS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"solver={name!r} is unknown{hint} Known solvers: {', '.join(sorted(SOLVERS))}")
+        raise ValueError(f"solver={name!r} is unknown{hint}; known solvers: {', '.join(sorted(SOLVERS))}")
     return SOLVERS[name]
 
 
@@ -74,18 +74,18 @@ def _check_times(times, sde: VPSDE, what: str) -> torch.Tensor:
 
 def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end):
     """The float64 CPU grid from T down to t_end, after checking steps/grid/t_end together."""
+    if spec.adaptive and (steps is not None or grid is not None):
+        given = f"steps={steps!r}" if steps is not None else f"grid={grid!r}"
+        raise ValueError(f"solver {spec.name!r} is adaptive: it takes rtol/atol, not {given}")
     if isinstance(grid, torch.Tensor):
         times = _check_times(grid, sde, "grid")
         if steps is not None and steps != len(times) - 1:
             raise ValueError(f"steps={steps!r} disagrees with the explicit grid of {len(times) - 1} steps")
-        if t_end is not None and not math.isclose(t_end, times[-1].item()):
+        if t_end is not None and not math.isclose(_check_t_end(sde, t_end), times[-1].item()):
             raise ValueError(f"t_end={t_end!r} disagrees with the explicit grid's last time {times[-1].item()}")
         return times
     t_end = _check_t_end(sde, t_end)
     if spec.adaptive:
-        if steps is not None or grid is not None:
-            raise ValueError(f"solver {spec.name!r} is adaptive: it takes rtol/atol, not steps={steps!r} "
-                             f"or grid={grid!r}")
         return torch.tensor([sde.T, t_end], dtype=F64)
     if steps is None:
         steps = max(1, DEFAULT_NFE // spec.nfe_per_step)
@@ -105,7 +105,9 @@ def _initial_state(x_T, shape, dtype, device, noise):
         raise TypeError(f"dtype={dtype!r}: expected a floating torch.dtype")
     if x_T is not None:
         if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
-            raise TypeError(f"x_T: expected a floating tensor of shape (batch, ...), got {type(x_T).__name__}")
+            got = f"a {x_T.dtype} tensor of shape {tuple(x_T.shape)}" if isinstance(x_T, torch.Tensor) \
+                else type(x_T).__name__
+            raise TypeError(f"x_T: expected a floating tensor of shape (batch, ...), got {got}")
         if shape is not None and tuple(shape) != tuple(x_T.shape):
             raise ValueError(f"shape={tuple(shape)} disagrees with x_T.shape={tuple(x_T.shape)}")
         if dtype is not None and dtype != x_T.dtype:

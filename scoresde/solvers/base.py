@@ -57,7 +57,8 @@ class ModelRun:
 
     Counts model calls (NFE), checks the output's shape at once and its finiteness without a
     host round trip (the flags are read once, after the loop, by `check_finite`), and drives
-    the progress bar. `step` is the solver step in progress, for error messages.
+    the progress bar. `step` is the solver step in progress, for error messages (None for
+    solvers that do not step on a grid: adaptive ones and bridges).
     """
 
     def __init__(self, denoiser: Denoiser, sde, *, progress: bool = False, total: int | None = None):
@@ -70,9 +71,9 @@ class ModelRun:
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         eps = self.denoiser.eps(x, t)
         if eps.shape != x.shape:
+            where = f"t={float(t):.6g}" if self.step is None else f"step {self.step}, t={float(t):.6g}"
             raise ValueError(
-                f"model output has shape {tuple(eps.shape)}, expected the input's {tuple(x.shape)} "
-                f"(step {self.step}, t={float(t):.6g})")
+                f"model output has shape {tuple(eps.shape)}, expected the input's {tuple(x.shape)} ({where})")
         self.nfe += 1
         # A sum is NaN or inf whenever an element is, and costs one pass where isfinite() costs
         # several; accumulating in at least float32 keeps half-precision sums from overflowing.
@@ -81,6 +82,12 @@ class ModelRun:
         if self._bar is not None:
             self._bar.update()
         return eps if eps.dtype == x.dtype else eps.to(x.dtype)
+
+    def check_last(self):
+        """Raise now if the latest model output held NaN or inf: for adaptive solvers and bridges,
+        whose step control reads every evaluation on the host anyway."""
+        if not bool(torch.isfinite(self._sums[-1])):  # sync: the caller syncs every call anyway
+            self.check_finite()
 
     def check_finite(self):
         """Raise if any model output held NaN or inf, naming the first step and t."""
@@ -92,8 +99,8 @@ class ModelRun:
         if not bool(finite.all()):  # sync: once, after the loop
             call = int((~finite).nonzero()[0])
             step, t = self._where[call]
-            raise FloatingPointError(
-                f"the model returned NaN or inf at model call {call + 1} (step {step}, t={float(t):.6g})")
+            where = f"t={float(t):.6g}" if step is None else f"step {step}, t={float(t):.6g}"
+            raise FloatingPointError(f"the model returned NaN or inf at model call {call + 1} ({where})")
 
 
 class GaussianNoise:

@@ -98,11 +98,14 @@ def _velocity(model):
     Step control runs on the host, so the syncs here cost nothing the method does not pay anyway.
     """
     sde = model.sde
+    model.step = None  # no grid: errors name the time only
 
     def velocity(lam: float, y: torch.Tensor) -> torch.Tensor:
         t = sde.t_from_log_snr(torch.tensor(lam, dtype=F64))
         alpha = float(sde.alpha(t))
-        return model(y * alpha, float(t)) * -math.exp(-lam)
+        eps = model(y * alpha, float(t))
+        model.check_last()  # a NaN would otherwise surface as the step size underflowing
+        return eps * -math.exp(-lam)
 
     return velocity
 
@@ -125,8 +128,11 @@ def dopri5(model, x, times, *, noise, callback, rtol: float = 1e-5, atol: float 
     func = lambda lam, y: velocity(float(lam), y)  # noqa: E731  (sync: see _velocity)
     y = odeint(func, x / alpha[0], lam_span.to(x.device), rtol=rtol, atol=atol, method=method)[-1]
     x = y * alpha[1]
-    callback(0, x)
+    callback(0, x)  # adaptive: one call, at t_end
     return x
+
+
+SCIPY_METHODS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")
 
 
 @register("rk45", grid=None)
@@ -136,6 +142,8 @@ def rk45(model, x, times, *, noise, callback, rtol: float = 1e-5, atol: float = 
     import numpy as np
     from scipy.integrate import solve_ivp
 
+    if method not in SCIPY_METHODS:
+        raise ValueError(f"method={method!r}: expected one of solve_ivp's methods {SCIPY_METHODS}")
     sde, velocity = model.sde, _velocity(model)
     lam_span = host_floats(sde.log_snr(times[[0, -1]]))
     alpha = host_floats(sde.alpha(times[[0, -1]]))

@@ -117,10 +117,10 @@ class Denoiser:
 
     def _alpha_sigma(self, t, x):
         if isinstance(t, (int, float)):  # host floats: CPU float64 math, no device round trip
-            t64 = torch.tensor(float(t), dtype=F64)
-            return float(self.sde.alpha(t64)), float(self.sde.sigma(t64))
-        t = as_time(t, device=x.device)
-        return per_sample(self.sde.alpha(t), x), per_sample(self.sde.sigma(t), x)
+            alpha, sigma = self.sde.alpha_sigma(torch.tensor(float(t), dtype=F64))
+            return float(alpha), float(sigma)
+        alpha, sigma = self.sde.alpha_sigma(as_time(t, device=x.device))
+        return per_sample(alpha, x), per_sample(sigma, x)
 
     def _raw(self, x, t):
         out = self.net(x, self._net_time(t, x))
@@ -139,6 +139,8 @@ class Denoiser:
         return from_eps(kind, to_eps(self.prediction, out, x, alpha, sigma), x, alpha, sigma)
 
     def eps(self, x, t):
+        if self.prediction == "eps":  # the common case, on every solver step: skip the conversion
+            return self._raw(x, t)
         return self.predict("eps", x, t)
 
     def x0(self, x, t):

@@ -85,7 +85,12 @@ class VPSDE:
         return torch.exp(self.log_alpha(t))
 
     def sigma(self, t) -> torch.Tensor:
-        return torch.sqrt(-torch.expm1(2.0 * self.log_alpha(t)))
+        return self.alpha_sigma(t)[1]
+
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) from one evaluation of log alpha; sigma^2 = -expm1(2 log alpha)."""
+        la = self.log_alpha(t)
+        return torch.exp(la), torch.sqrt(-torch.expm1(2.0 * la))
 
     def log_snr(self, t) -> torch.Tensor:
         """Half log-SNR lambda(t) = log(alpha/sigma), strictly decreasing in t."""

@@ -52,6 +52,9 @@ def register(name: str, *, grid: str | None = "uniform", stochastic: bool = Fals
     return decorate
 
 
+_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
+
 class ModelRun:
     """The model as one sampling run sees it: eps(x, t) with t a Python float or a 0-d tensor.
 
@@ -76,8 +79,8 @@ class ModelRun:
                 f"model output has shape {tuple(eps.shape)}, expected the input's {tuple(x.shape)} ({where})")
         self.nfe += 1
         # A sum is NaN or inf whenever an element is, and costs one pass where isfinite() costs
-        # several; accumulating in at least float32 keeps half-precision sums from overflowing.
-        self._sums.append(eps.sum(dtype=torch.promote_types(eps.dtype, torch.float32)))
+        # several; half-precision outputs are summed in float32 so the sum cannot overflow.
+        self._sums.append(eps.sum(dtype=_SUM_DTYPE.get(eps.dtype)))
         self._where.append((self.step, t))
         if self._bar is not None:
             self._bar.update()

@@ -31,43 +31,45 @@ def t_from_ratio_s(sde, s):
     return sde.t_from_log_snr(-torch.log(s))
 
 
-def _stage_coefficients(sde, times, tableau):
-    """Host floats for every step i and stage j, in x coordinates:
-    x_ij = scale_ij x_i + sum_m weight_ij a_jm k_m, and the step's own (scale, weight)."""
+def _rk_plan(sde, times, tableau):
+    """Every step's coefficients as host floats, in x coordinates. Stage j of step i evaluates the
+    model at x_ij = scale_ij x_i + sum_m weight_ijm k_m and time t_ij; the step ends at
+    x_{i+1} = keep_i x_i + sum_j weight_ij k_j. (From y = x/alpha: scale = alpha_ij/alpha_i and
+    weight = alpha_ij h_i a_jm, with h_i the step in s = sigma/alpha.)"""
     a, b, c = tableau
-    nodes = torch.tensor(c, dtype=F64)
-    s = ratio_s(sde, times)
+    alpha, sigma = sde.alpha_sigma(times)
+    s = sigma / alpha
     h = s[1:] - s[:-1]
-    stage_t = t_from_ratio_s(sde, s[:-1, None] + nodes * h[:, None])
-    # Nodes at a step's ends use the grid's own times (exact DDPM indices for index-time nets).
-    stage_t = torch.where(nodes == 0, times[:-1, None], torch.where(nodes == 1, times[1:, None], stage_t))
-    alpha = sde.alpha(times)
-    stage_alpha = sde.alpha(stage_t)
-    return dict(
-        stage_t=host_floats(stage_t),
-        stage_scale=host_floats(stage_alpha / alpha[:-1, None]),
-        stage_weight=host_floats(stage_alpha * h[:, None]),
-        step_scale=host_floats(alpha[1:] / alpha[:-1]),
-        step_weight=host_floats(alpha[1:] * h),
-    )
+    # Nodes at a step's ends reuse the grid's own times (exact DDPM indices for index-time nets);
+    # only interior nodes need t(s) inverted.
+    interior = {node: t_from_ratio_s(sde, s[:-1] + node * h) for node in set(c) if 0 < node < 1}
+    stage_t = [times[:-1] if node == 0 else times[1:] if node == 1 else interior[node] for node in c]
+    stage_alpha = [alpha[:-1] if node == 0 else alpha[1:] if node == 1 else sde.alpha(interior[node])
+                   for node in c]
+    stage_t, stage_alpha = torch.stack(stage_t, 1), torch.stack(stage_alpha, 1)
+    t_ij, scale_ij = host_floats(stage_t), host_floats(stage_alpha / alpha[:-1, None])
+    weight_ij = host_floats(stage_alpha * h[:, None])
+    keep, step_weight = host_floats(alpha[1:] / alpha[:-1]), host_floats(alpha[1:] * h)
+    plan = []
+    for i in range(len(keep)):
+        stages = [(t_ij[i][j], scale_ij[i][j],
+                   [(m, weight_ij[i][j] * a_jm) for m, a_jm in enumerate(a[j - 1] if j else ()) if a_jm])
+                  for j in range(len(b))]
+        plan.append((stages, keep[i], [step_weight[i] * b_j for b_j in b]))
+    return plan
 
 
 def _runge_kutta(tableau, model, x, times, callback):
-    a, b, _ = tableau
-    coef = _stage_coefficients(model.sde, times, tableau)
-    stage_t, stage_scale, stage_weight = coef["stage_t"], coef["stage_scale"], coef["stage_weight"]
-    step_scale, step_weight = coef["step_scale"], coef["step_weight"]
-    for i in range(len(times) - 1):
+    for i, (stages, keep, weights) in enumerate(_rk_plan(model.sde, times, tableau)):
         ks = []
-        for j in range(len(b)):
-            xj = x if stage_scale[i][j] == 1.0 else x * stage_scale[i][j]
-            for m, a_jm in enumerate(a[j - 1] if j else ()):
-                if a_jm:
-                    xj = xj.add(ks[m], alpha=stage_weight[i][j] * a_jm)
-            ks.append(model(xj, stage_t[i][j]))
-        x = x * step_scale[i]
-        for b_j, k in zip(b, ks):
-            x = x.add(k, alpha=step_weight[i] * b_j)
+        for t, scale, terms in stages:
+            xj = x if scale == 1.0 else x * scale
+            for m, w in terms:
+                xj = xj.add(ks[m], alpha=w)
+            ks.append(model(xj, t))
+        x = x * keep
+        for k, w in zip(ks, weights):
+            x.add_(k, alpha=w)  # in place on the fresh x * keep
         callback(i, x)
     return x
 

@@ -39,9 +39,10 @@ def log_snr(sde, steps: int, t_start: float, t_end: float) -> torch.Tensor:
 
 def karras(sde, steps: int, t_start: float, t_end: float, rho: float = 7.0) -> torch.Tensor:
     """Equal steps in (sigma/alpha)^(1/rho) (Karras et al. 2022), dense near the data."""
-    s = torch.exp(-sde.log_snr(torch.tensor([t_start, t_end], dtype=F64))) ** (1.0 / rho)
-    ratios = (s[0] + (s[1] - s[0]) * _fraction(steps)) ** rho
-    return _pin_ends(sde.t_from_log_snr(-torch.log(ratios)), t_start, t_end)
+    # In logs throughout: (sigma/alpha) itself overflows for chains with alpha_bar_N < 1e-616.
+    root = torch.exp(-sde.log_snr(torch.tensor([t_start, t_end], dtype=F64)) / rho)
+    lams = -rho * torch.log(root[0] + (root[1] - root[0]) * _fraction(steps))
+    return _pin_ends(sde.t_from_log_snr(lams), t_start, t_end)
 
 
 GRIDS = {"uniform": uniform, "quadratic": quadratic, "log_snr": log_snr, "karras": karras}

@@ -99,23 +99,33 @@ class CosineSchedule(Schedule):
         if isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not 0 < t_max < 1:
             raise ValueError(f"t_max={t_max!r}: must lie in (0, 1); alpha(1) = 0 for the cosine schedule")
         self.s, self.t_max = float(s), float(t_max)
-        self._log_cos0 = math.log(math.cos(self.s / (1 + self.s) * math.pi / 2))
+        self._a0 = self.s / (1 + self.s) * math.pi / 2  # the angle at t = 0
+        self._rate = math.pi / (2 * (1 + self.s))  # d angle / dt
 
     def __repr__(self):
         return f"CosineSchedule(s={self.s}, t_max={self.t_max})"
 
-    def _angle(self, t):
-        return (as_time(t) + self.s) / (1 + self.s) * (math.pi / 2)
-
     def log_alpha(self, t):
-        return torch.log(torch.cos(self._angle(t))) - self._log_cos0
+        # alpha = cos(a0 + d)/cos(a0) = 1 - 2 sin^2(d/2) - tan(a0) sin(d), d = rate t: exactly 0 at
+        # t = 0 and free of the cancellation that log cos(a0 + d) - log cos(a0) suffers there.
+        d = as_time(t) * self._rate
+        # Clamped at -1: at t = 1 rounding can push the argument a hair below it (alpha = 0 there).
+        return torch.log1p((-2 * torch.sin(d / 2) ** 2 - math.tan(self._a0) * torch.sin(d)).clamp(min=-1.0))
 
     def dlog_alpha(self, t):
-        return -torch.tan(self._angle(t)) * (math.pi / (2 * (1 + self.s)))
+        return -torch.tan(self._a0 + as_time(t) * self._rate) * self._rate
 
     def t_from_log_alpha(self, log_alpha):
-        angle = torch.arccos(torch.exp(as_time(log_alpha) + self._log_cos0))
-        return angle * (2 * (1 + self.s) / math.pi) - self.s
+        # cos(angle) = alpha cos(a0), with sin^2(angle) = sin^2(a0) - cos^2(a0) expm1(2 log alpha)
+        # written without cancellation; atan2 keeps the small angles near t = 0 accurate.
+        la = as_time(log_alpha)
+        c0, s0 = math.cos(self._a0), math.sin(self._a0)
+        angle = torch.atan2(torch.sqrt(s0**2 - c0**2 * torch.expm1(2 * la)), torch.exp(la) * c0)
+        t = (angle - self._a0) / self._rate
+        # One Newton step on log alpha(t) = la removes what subtracting a0 cost (for s > 0).
+        slope = self.dlog_alpha(t)
+        step = torch.where(slope != 0, (self.log_alpha(t) - la) / slope, torch.zeros_like(t))
+        return t - step
 
     def discretize(self, N: int) -> torch.Tensor:
         """Nichol & Dhariwal's betas, clipped at 0.999 where alpha -> 0."""
@@ -148,7 +158,11 @@ class DiscreteSchedule(Schedule):
     def _segment(self, t):
         """Index n-1 of the segment ((n-1)/N, n/N] holding t, and t's position N t."""
         pos = as_time(t) * self.num_steps
-        seg = (torch.ceil(pos) - 1).clamp(0, self.num_steps - 1).long()
+        # A knot n/N rounded in float64 lands a hair off n; snap it, so that beta at the chain's own
+        # times comes from the step that ends there, not from the next one.
+        near = torch.round(pos)
+        snapped = torch.where((pos - near).abs() <= 4 * torch.finfo(F64).eps * near, near, pos)
+        seg = (torch.ceil(snapped) - 1).clamp(0, self.num_steps - 1).long()
         return seg, pos
 
     def log_alpha(self, t):

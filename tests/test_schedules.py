@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scipy import integrate
 
@@ -53,7 +53,9 @@ def cosine_case(s: float) -> Case:
 
     return Case(
         "cosine", sd.VPSDE.cosine(s=s),
-        lambda t: np.log(np.cos(angle(t))) - np.log(np.cos(angle(0.0))),
+        # cos(a0 + d)/cos(a0) = 1 - 2 sin^2(d/2) - tan(a0) sin d: no cancellation near t = 0.
+        lambda t: np.log1p(-2 * np.sin(angle(t) / 2 - angle(0.0) / 2) ** 2
+                           - np.tan(angle(0.0)) * np.sin(angle(t) - angle(0.0))),
         lambda t: np.pi / (1 + s) * np.tan(angle(t)),  # -d log(f(t)/f(0))/dt
         dict(s=s),
     )
@@ -121,6 +123,20 @@ def time_grid(case: Case) -> np.ndarray:
 
 
 # ---- alpha, sigma, log-SNR ---------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    pytest.param(lambda: sd.VPSDE.linear(), id="linear"),
+    pytest.param(lambda: sd.VPSDE.linear(0.0, 5.0), id="linear-bmin0"),
+    pytest.param(lambda: sd.VPSDE.from_betas([0.3, 0.5]), id="discrete"),
+    pytest.param(lambda: sd.VPSDE.cosine(s=0.0), id="cosine-s0"),
+    pytest.param(lambda: sd.VPSDE.cosine(), id="cosine-default"),
+])
+def test_time_zero_is_the_data(make):
+    sde = make()
+    t0 = torch.zeros(3, dtype=F64)
+    assert (sde.log_alpha(t0) == 0).all() and (sde.alpha(t0) == 1).all() and (sde.sigma(t0) == 0).all()
+    assert (sde.log_snr(t0) == math.inf).all()
+
+
 @SETTINGS
 @given(any_case())
 def test_alpha_squared_plus_sigma_squared_is_one(case):
@@ -184,12 +200,9 @@ def test_sigma_relative_accuracy_near_zero(case):
     _check_sigma_relative(case, SMALL_T * case.T, rtol=1e-12)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "CosineSchedule.log_alpha = log cos(a(t)) - log cos(a(0)) cancels for small t: sigma(1e-10) "
-    "is 0 for s=0 and ~1e-6 off for s=0.008 (library bug, see report)"))
-@SETTINGS
-@given(cosine_cases())
-def test_cosine_sigma_relative_accuracy_near_zero(case):
+@pytest.mark.parametrize("s", [0.0, 0.008, 0.05])
+def test_cosine_sigma_relative_accuracy_near_zero(s):
+    case = cosine_case(s)
     _check_sigma_relative(case, SMALL_T * case.T, rtol=1e-12)
 
 
@@ -215,8 +228,9 @@ def test_log_snr_strictly_decreasing(case):
 
 
 @SETTINGS
-@given(any_case(), st.floats(0.0, 1.0, exclude_min=True), st.floats(0.0, 1.0, exclude_min=True))
+@given(any_case(), st.floats(1e-6, 1.0), st.floats(1e-6, 1.0))
 def test_log_snr_decreasing_random_pair(case, u, v):
+    # (Below ~1e-160 log alpha itself underflows for beta_min = 0, and lambda = inf is all float64 has.)
     t1, t2 = sorted([u * case.T, v * case.T])
     if t1 == t2:
         return
@@ -246,12 +260,9 @@ def test_t_from_log_snr_inverts_log_snr(case):
     assert err.max() < 1e-12
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "cosine log_alpha cancels near t = 0 and its inverse arccos(exp(.)) loses sqrt(eps): the round "
-    "trip is ~1e-9 relative at t = 1e-6 (s = 0.008), far from the conditioning of lambda(t)"))
-@SETTINGS
-@given(cosine_cases())
-def test_cosine_t_from_log_snr_inverts_log_snr(case):
+@pytest.mark.parametrize("s", [0.0, 0.008, 0.05])
+def test_cosine_t_from_log_snr_inverts_log_snr(s):
+    case = cosine_case(s)
     err, tol = _round_trip_error(case, time_grid(case))
     assert (err <= tol).all(), np.max(err / tol)
 
@@ -454,6 +465,9 @@ def test_discretize_of_chain_returns_its_betas(case):
 
 def _check_chain_reproduces(sde: sd.VPSDE, M: int):
     betas = sde.discretize(M)
+    # A respaced step can swallow so much noise that 1 - alpha_bar ratio rounds to beta = 1.0,
+    # which no DDPM table can hold (from_betas rightly refuses it): nothing to compare then.
+    assume(bool((betas < 1).all()))
     unclipped = int(torch.nonzero(betas >= 0.999)[0]) if (betas >= 0.999).any() else M
     chain = sd.VPSDE.from_betas(betas)
     assert chain.num_steps == M

@@ -33,12 +33,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def xfail_for(name, solvers, reason):
-    """Parametrise over `solvers`, marking `name` as a known (strict) failure."""
-    return [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=reason)) if s == name else s
-            for s in solvers]
-
-
 class Counting:
     """A plain eps model that counts its calls and records the times it is called at."""
 

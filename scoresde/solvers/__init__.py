@@ -65,7 +65,7 @@ def _check_times(times, sde: VPSDE, what: str) -> torch.Tensor:
     if not isinstance(times, torch.Tensor) or times.ndim != 1 or times.numel() < 2:
         raise ValueError(f"{what}: expected a 1-D tensor of at least 2 times from T down to t_end")
     times = times.detach().to("cpu", F64)
-    values = times.tolist()  # host checks: a grid is short, and Python floats are quickest here
+    values = times.tolist()  # sync: none, a CPU grid checked before the loop
     if not all(a > b for a, b in zip(values, values[1:])):  # NaN fails every comparison
         raise ValueError(f"{what}: times must be finite and strictly decreasing, got {values[:8]}...")
     if not (values[-1] > 0 and values[0] <= sde.T):  # inf and -inf fail these
@@ -82,8 +82,9 @@ def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end):
         times = _check_times(grid, sde, "grid")
         if steps is not None and steps != len(times) - 1:
             raise ValueError(f"steps={steps!r} disagrees with the explicit grid of {len(times) - 1} steps")
-        if t_end is not None and not math.isclose(_check_t_end(sde, t_end), times[-1].item()):
-            raise ValueError(f"t_end={t_end!r} disagrees with the explicit grid's last time {times[-1].item()}")
+        last = times[-1].item()  # sync: none, a CPU grid
+        if t_end is not None and not math.isclose(_check_t_end(sde, t_end), last):
+            raise ValueError(f"t_end={t_end!r} disagrees with the explicit grid's last time {last}")
         return times
     t_end = _check_t_end(sde, t_end)
     if spec.adaptive:
@@ -155,13 +156,18 @@ def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", ste
     spec = _solver(solver)
     _check_options(spec, options)
     times = _time_grid(spec, sde, steps, grid, t_end)
-    noise = GaussianNoise(generator) if noise is None else noise
+    if noise is None:
+        noise = GaussianNoise(generator)
+    elif generator is not None:
+        raise ValueError("give generator= or noise=, not both: a noise source carries its own randomness")
+    elif not isinstance(noise, GaussianNoise):
+        raise TypeError(f"noise={noise!r}: expected a scoresde GaussianNoise or BrownianNoise (or a subclass)")
     x = _initial_state(x_T, shape, dtype, device, noise)
 
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sde)
     total = None if spec.adaptive else (len(times) - 1) * spec.nfe_per_step + final_denoise
     run = ModelRun(denoiser, sde, progress=progress, total=total)
-    t_host = times.tolist()
+    t_host = times.tolist()  # sync: none, the grid lives on the CPU
 
     def on_step(i, x_now):
         run.step = i + 1
@@ -170,9 +176,8 @@ def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", ste
 
     x = spec.fn(run, x, times, noise=noise, callback=on_step, **options)
     if final_denoise:
-        t_last = t_host[-1]
-        eps = run(x, t_last)
-        x = eps_to_x0(x, eps, float(sde.alpha(times[-1])), float(sde.sigma(times[-1])))
+        alpha, sigma = sde.alpha_sigma(times[-1])
+        x = eps_to_x0(x, run(x, t_host[-1]), float(alpha), float(sigma))
     run.check_finite()
     if return_info:
         return x, SampleInfo(run.nfe, spec.name, None if spec.adaptive else len(times) - 1, times)

@@ -160,8 +160,9 @@ def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", ste
         noise = GaussianNoise(generator)
     elif generator is not None:
         raise ValueError("give generator= or noise=, not both: a noise source carries its own randomness")
-    elif not isinstance(noise, GaussianNoise):
-        raise TypeError(f"noise={noise!r}: expected a scoresde GaussianNoise or BrownianNoise (or a subclass)")
+    elif not callable(noise) or (x_T is None and not callable(getattr(noise, "draw", None))):
+        raise TypeError(f"noise={noise!r}: expected a noise source noise(like, t0, t1) -> N(0, I) draw, with "
+                        f"draw(shape, dtype, device) for x_T unless x_T is given (see GaussianNoise)")
     x = _initial_state(x_T, shape, dtype, device, noise)
 
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sde)

@@ -22,12 +22,8 @@ HEUN = (((1.0,),), (0.5, 0.5), (0.0, 1.0))
 RK4 = (((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6), (0.0, 0.5, 0.5, 1.0))
 
 
-def ratio_s(sde, t):
-    """s = sigma/alpha = exp(-lambda): the PF-ODE's integration variable."""
-    return torch.exp(-sde.log_snr(t))
-
-
 def t_from_ratio_s(sde, s):
+    """The time at which sigma/alpha = s, i.e. lambda = -log s."""
     return sde.t_from_log_snr(-torch.log(s))
 
 

@@ -18,7 +18,8 @@ VARIANCES = ("posterior", "beta")
 
 def _posterior_terms(sde, times):
     """Per-step float64 tensors: alpha_t, sigma_t, alpha_s, sigma_s, sigma_ts^2, sigma_tilde^2."""
-    la_t, la_s = sde.log_alpha(times[:-1]), sde.log_alpha(times[1:])
+    la = sde.log_alpha(times)
+    la_t, la_s = la[:-1], la[1:]
     var_t, var_s = -torch.expm1(2 * la_t), -torch.expm1(2 * la_s)  # sigma^2 = 1 - alpha^2
     var_ts = -torch.expm1(2 * (la_t - la_s))
     return dict(alpha_t=la_t.exp(), sigma_t=var_t.sqrt(), alpha_s=la_s.exp(), sigma_s=var_s.sqrt(),

@@ -55,6 +55,11 @@ def register(name: str, *, grid: str | None = "uniform", stochastic: bool = Fals
 _SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
+def _where(step, t) -> str:
+    """Where a model call happened, for messages: the step (None for solvers without a grid) and t."""
+    return f"t={float(t):.6g}" if step is None else f"step {step}, t={float(t):.6g}"
+
+
 class ModelRun:
     """The model as one sampling run sees it: eps(x, t) with t a Python float or a 0-d tensor.
 
@@ -65,23 +70,22 @@ class ModelRun:
     """
 
     def __init__(self, denoiser: Denoiser, sde, *, progress: bool = False, total: int | None = None):
-        self.denoiser, self.sde = denoiser, sde
-        self.nfe, self.step = 0, 0
-        self._sums: list[torch.Tensor] = []  # one reduction per call, read after the loop
-        self._where: list[tuple[int, float]] = []
+        self.denoiser, self.sde, self.step = denoiser, sde, 0
+        self._calls: list[tuple] = []  # (sum of the output, step, t) per call, read after the loop
         self._bar = tqdm(total=total, unit="NFE", leave=False) if progress else None
+
+    @property
+    def nfe(self) -> int:
+        return len(self._calls)
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
         eps = self.denoiser.eps(x, t)
         if eps.shape != x.shape:
-            where = f"t={float(t):.6g}" if self.step is None else f"step {self.step}, t={float(t):.6g}"
-            raise ValueError(
-                f"model output has shape {tuple(eps.shape)}, expected the input's {tuple(x.shape)} ({where})")
-        self.nfe += 1
+            raise ValueError(f"model output has shape {tuple(eps.shape)}, expected the input's "
+                             f"{tuple(x.shape)} ({_where(self.step, t)})")
         # A sum is NaN or inf whenever an element is, and costs one pass where isfinite() costs
         # several; half-precision outputs are summed in float32 so the sum cannot overflow.
-        self._sums.append(eps.sum(dtype=_SUM_DTYPE.get(eps.dtype)))
-        self._where.append((self.step, t))
+        self._calls.append((eps.sum(dtype=_SUM_DTYPE.get(eps.dtype)), self.step, t))
         if self._bar is not None:
             self._bar.update()
         return eps if eps.dtype == x.dtype else eps.to(x.dtype)
@@ -89,21 +93,20 @@ class ModelRun:
     def check_last(self):
         """Raise now if the latest model output held NaN or inf: for adaptive solvers and bridges,
         whose step control reads every evaluation on the host anyway."""
-        if not bool(torch.isfinite(self._sums[-1])):  # sync: the caller syncs every call anyway
+        if not bool(torch.isfinite(self._calls[-1][0])):  # sync: the caller syncs every call anyway
             self.check_finite()
 
     def check_finite(self):
         """Raise if any model output held NaN or inf, naming the first step and t."""
         if self._bar is not None:
             self._bar.close()
-        if not self._sums:
+        if not self._calls:
             return
-        finite = torch.isfinite(torch.stack(self._sums))
+        finite = torch.isfinite(torch.stack([c[0] for c in self._calls]))
         if not bool(finite.all()):  # sync: once, after the loop
             call = int((~finite).nonzero()[0])
-            step, t = self._where[call]
-            where = f"t={float(t):.6g}" if step is None else f"step {step}, t={float(t):.6g}"
-            raise FloatingPointError(f"the model returned NaN or inf at model call {call + 1} ({where})")
+            _, step, t = self._calls[call]
+            raise FloatingPointError(f"the model returned NaN or inf at model call {call + 1} ({_where(step, t)})")
 
 
 class GaussianNoise:

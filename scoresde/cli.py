@@ -1,5 +1,4 @@
-"""The `scoresde` command. `scoresde sample` draws from an exact 2-D Gaussian mixture with any
-solver and writes a picture of the samples next to the true density."""
+"""The `scoresde` command: sample, train, export."""
 from __future__ import annotations
 
 import argparse
@@ -24,71 +23,133 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scoresde", description="Score-based diffusion models on one VP-SDE.")
     commands = parser.add_subparsers(dest="command", required=True)
-    s = commands.add_parser("sample", help="sample an exact 2-D Gaussian mixture and plot the samples",
-                            description="Sample the exact score of a sharp 2-D Gaussian mixture (6 modes, "
-                                        "std 2%% of the data range) with any solver; print NFE, wall time "
-                                        "and how the mass spreads over the modes; write a PNG.")
+
+    s = commands.add_parser(
+        "sample", help="draw samples from the shipped digits model, a checkpoint, or an exact mixture",
+        description="Draw samples and write them as a PNG grid (or the raw samples, in the data set's "
+                    "own units, to a .npy file). Prints NFE and wall time.")
+    s.add_argument("--model", default=None,
+                   help="a checkpoint or run folder of ours, an exported model.safetensors, or 'mixture' "
+                        "for the exact sharp 2-D Gaussian mixture (default: the shipped digits model)")
     s.add_argument("--solver", default="heun", choices=sorted(SOLVERS), help="solver (default: heun)")
     s.add_argument("--steps", type=_positive_int, default=None,
                    help="steps of a fixed-step solver (default: about 50 model calls)")
     s.add_argument("--grid", default=None, choices=sorted(GRIDS), help="time grid (default: the solver's)")
-    s.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="noise schedule")
-    s.add_argument("--n", type=_positive_int, default=4000, help="number of samples (default: 4000)")
+    s.add_argument("--n", type=_positive_int, default=None, help="number of samples (default: 64; 4000 for mixture)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     s.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    s.add_argument("--out", default="samples.png", help="output PNG (default: samples.png)")
+    s.add_argument("--out", default="samples.png", help="output: .png (a picture) or .npy (default: samples.png)")
+
+    t = commands.add_parser("train", help="train a network", description="Train a network with the denoising "
+                            "objective. Run under torchrun for many processes (DistributedDataParallel).")
+    t.add_argument("--preset", default="digits", help="training preset: digits, toy2d, cifar10 (default: digits)")
+    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="overrides, e.g. steps=2000 lr=1e-3 data=/path model.base_channels=32")
+    t.add_argument("--out", default=None, help="run folder (default: the preset's)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+    e = commands.add_parser("export", help="write a checkpoint's EMA weights and config for shipping",
+                            description="Write CHECKPOINT's EMA weights as OUT/model.safetensors with "
+                                        "OUT/config.json (what scoresde/assets holds).")
+    e.add_argument("checkpoint", help="a checkpoint directory or run folder")
+    e.add_argument("out", help="output folder")
     return parser
 
 
-def _plot(mixture: GaussianMixture, x: torch.Tensor, title: str, path: str):
-    import matplotlib
+def _sample_mixture(args) -> int:
+    from .plotting import save_scatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lim = 1.5
-    grid = torch.linspace(-lim, lim, 300, dtype=torch.float64)
-    xx, yy = torch.meshgrid(grid, grid, indexing="xy")
-    density = mixture.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).exp().reshape(xx.shape)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5), sharex=True, sharey=True)
-    axes[0].imshow(density.sqrt(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma")
-    axes[0].set_title("true density (square root)")
-    pts = x.detach().cpu().numpy()
-    axes[1].scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, color="tab:blue")
-    axes[1].set_title(title)
-    for ax in axes:
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _sample_command(args) -> int:
-    sde = VPSDE.linear() if args.schedule == "linear" else VPSDE.cosine()
+    sde = VPSDE.linear()
     mixture = GaussianMixture.ring2d(sde)
+    n = args.n or 4000
+    x, info, wall = _timed_sample(mixture, sde, (n, 2), args)
+    report = mixture.mode_report(x)
+    weight_error = (report["weights"] - mixture.weights).abs().max().item()
+    print(f"mode weights: largest error {weight_error:.4f}; stray mass {report['stray']:.4f}; "
+          f"within-mode std / true std: {report['std_ratio'].min():.3f}..{report['std_ratio'].max():.3f}")
+    _write(x, args.out, lambda path: save_scatter(x, path, title=f"{info.solver}, NFE={info.nfe}",
+                                                  log_density=mixture.log_prob))
+    return 0
+
+
+def _sample_model(args) -> int:
+    from .plotting import save_image_grid, save_scatter
+    from .pretrained import load_model
+
+    model = load_model(args.model, device=args.device)
+    n = args.n or 64
+    x, info, wall = _timed_sample(model.denoiser, model.sde, (n, *model.sample_shape), args)
+    data = model.to_data_units(x.cpu())
+    title = f"{info.solver}, NFE={info.nfe}"
+    if len(model.sample_shape) == 3:
+        lo, hi = model.config["data"]["data_range"]
+        picture = lambda path: save_image_grid((data - lo) / (hi - lo), path, title=title)  # noqa: E731
+    else:
+        picture = lambda path: save_scatter(data, path, title=title, lim=3.0)  # noqa: E731
+    _write(data, args.out, picture)
+    return 0
+
+
+def _timed_sample(model, sde, shape, args):
     options = {} if SOLVERS[args.solver].adaptive else {"steps": args.steps, "grid": args.grid}
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    x, info = sample(mixture, sde, shape=(args.n, 2), solver=args.solver, generator=generator,
-                     device=args.device, return_info=True, progress=sys.stderr.isatty(), **options)
+    with torch.no_grad():
+        x, info = sample(model, sde, shape=shape, solver=args.solver, generator=generator, device=args.device,
+                         return_info=True, progress=sys.stderr.isatty(), **options)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()  # sync: the wall time below must include the GPU's work
     wall = time.perf_counter() - start
-    report = mixture.mode_report(x)
-    weight_error = (report["weights"] - mixture.weights).abs().max().item()
-    print(f"solver={info.solver} steps={info.steps} NFE={info.nfe} wall={wall:.3f}s n={args.n}")
-    print(f"mode weights: largest error {weight_error:.4f}; stray mass {report['stray']:.4f}; "
-          f"within-mode std / true std: {report['std_ratio'].min():.3f}..{report['std_ratio'].max():.3f}")
-    _plot(mixture, x, f"{info.solver}, NFE={info.nfe}", args.out)
-    print(f"wrote {args.out}")
+    print(f"solver={info.solver} steps={info.steps} NFE={info.nfe} wall={wall:.3f}s n={shape[0]}")
+    return x, info, wall
+
+
+def _write(data: torch.Tensor, out: str, picture):
+    if out.endswith(".npy"):
+        import numpy as np
+
+        np.save(out, data.detach().cpu().numpy())
+    elif out.endswith(".png"):
+        picture(out)
+    else:
+        raise SystemExit(f"scoresde sample: --out {out!r}: expected a file name ending in .png or .npy")
+    print(f"wrote {out}")
+
+
+def _train(args) -> int:
+    from .train.config import apply_overrides, preset
+    from .train.loop import train
+
+    config = apply_overrides(preset(args.preset), args.set)
+    if args.out:
+        config.out = args.out
+    if args.device:
+        config.device = args.device
+    last = train(config, resume=args.resume)
+    print(f"last checkpoint: {last}")
+    return 0
+
+
+def _export(args) -> int:
+    from .pretrained import export_model
+
+    print(f"wrote {export_model(args.checkpoint, args.out)}")
     return 0
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "sample":
-        return _sample_command(args)
-    return 2  # pragma: no cover  (argparse rejects unknown commands)
+    try:
+        if args.command == "sample":
+            return _sample_mixture(args) if args.model == "mixture" else _sample_model(args)
+        if args.command == "train":
+            return _train(args)
+        return _export(args)
+    except (ValueError, FileNotFoundError) as err:
+        # Bad input gets its message, not a traceback.
+        print(f"scoresde {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,149 @@
+"""Training configuration: one dataclass, named presets, and `key=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+
+from ..sde import VPSDE
+from .objective import Objective
+
+
+@dataclass
+class TrainConfig:
+    # what to learn
+    data: str = "digits"  # a data set name or path (see scoresde.train.data)
+    model: str = "digits"  # a network preset (see scoresde.nn.PRESETS)
+    model_overrides: dict = field(default_factory=dict)  # e.g. {"base_channels": 32}
+    schedule: str = "linear"  # "linear" (beta_min, beta_max) or "cosine" (cosine_s)
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+    cosine_s: float = 0.008
+    target: str = "eps"  # what the network predicts: "eps", "x0" or "v"
+    time: str = "continuous"  # t ~ U(t_eps, T), or "discrete" DDPM indices
+    t_eps: float = 1e-3
+    num_steps: int | None = None  # chain length for time="discrete"
+    min_snr_gamma: float | None = None
+    cond_drop: float = 0.1  # label dropout (to the null class) for classifier-free guidance
+    # how
+    steps: int = 20000
+    batch_size: int = 128  # per optimizer step, over all processes
+    grad_accum: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup: int = 500  # linear learning-rate warm-up, in steps
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    bf16: bool = True  # autocast to bfloat16 (CUDA only)
+    compile: bool = False  # torch.compile the network
+    channels_last: bool = True  # memory format for images (CUDA only)
+    max_nan_steps: int = 5  # stop after this many non-finite losses in a row
+    # what to write
+    out: str = "runs/digits"
+    log_every: int = 100
+    sample_every: int = 2000  # a PNG grid of EMA samples
+    ckpt_every: int = 2000
+    keep: int = 3  # checkpoints kept
+    sample_n: int = 64
+    sample_solver: str = "heun"
+    sample_steps: int = 20
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda if available, else cpu
+
+    def objective(self) -> Objective:
+        return Objective(self.target, self.time, self.t_eps, self.num_steps, self.min_snr_gamma)
+
+    def sde(self) -> VPSDE:
+        if self.schedule == "linear":
+            return VPSDE.linear(self.beta_min, self.beta_max)
+        if self.schedule == "cosine":
+            return VPSDE.cosine(self.cosine_s)
+        raise ValueError(f"schedule={self.schedule!r}: expected 'linear' or 'cosine'")
+
+    def schedule_config(self) -> dict:
+        """The schedule's identity, stored with checkpoints and compared on resume."""
+        if self.schedule == "cosine":
+            return {"schedule": "cosine", "cosine_s": self.cosine_s}
+        return {"schedule": self.schedule, "beta_min": self.beta_min, "beta_max": self.beta_max}
+
+    def validate(self) -> "TrainConfig":
+        self.sde()
+        self.objective()
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "ckpt_every", "keep",
+                     "sample_n", "sample_steps", "max_nan_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected an int >= 1")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive number")
+        if not 0 <= self.cond_drop < 1:
+            raise ValueError(f"cond_drop={self.cond_drop!r}: expected a number in [0, 1)")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay!r}: expected a number in [0, 1)")
+        return self
+
+
+PRESETS = {
+    # The shipped model: a small conditional UNet on scikit-learn's 8x8 digits, trained on CPU.
+    "digits": TrainConfig(data="digits", model="digits", steps=8000, batch_size=128, lr=1e-3, warmup=200,
+                          ema_decay=0.999, sample_every=1000, ckpt_every=1000, log_every=50, out="runs/digits"),
+    "toy2d": TrainConfig(data="mixture", model="toy2d", steps=5000, batch_size=512, lr=1e-3, warmup=100,
+                         cond_drop=0.0, sample_n=2000, sample_every=1000, ckpt_every=1000, log_every=100,
+                         out="runs/toy2d"),
+    # Ho et al. 2020's CIFAR-10 run (35.7M parameters); point `data` at a local cifar-10-batches-py.
+    "cifar10": TrainConfig(data="cifar-10-batches-py", model="cifar10", steps=800_000, batch_size=128, lr=2e-4,
+                           warmup=5000, ema_decay=0.9999, cond_drop=0.0, sample_every=10_000,
+                           ckpt_every=10_000, log_every=100, out="runs/cifar10"),
+}
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown; known presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], model_overrides=dict(PRESETS[name].model_overrides))
+
+
+def _parse(text: str, like):
+    """`text` as a value of the type of `like` (the field's default)."""
+    if text.lower() in ("none", "null"):
+        return None
+    if isinstance(like, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{text!r} is not a boolean (true/false)")
+    for kind in (int, float):
+        if isinstance(like, kind) or like is None:
+            try:
+                return kind(text)
+            except ValueError:
+                if isinstance(like, kind):
+                    raise ValueError(f"{text!r} is not a {kind.__name__}") from None
+    return text
+
+
+def apply_overrides(config: TrainConfig, overrides) -> TrainConfig:
+    """Apply `key=value` strings: a TrainConfig field, or `model.KEY` for the network preset."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "model_overrides"}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: expected key=value")
+        if key.startswith("model."):
+            config.model_overrides[key[6:]] = _parse(text, None)
+            continue
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"override key {key!r} is unknown{hint}; valid keys: {', '.join(fields)}, "
+                             "or model.<network argument>")
+        try:
+            setattr(config, key, _parse(text, getattr(PRESETS["digits"], key)))
+        except ValueError as err:
+            raise ValueError(f"override {item!r}: {err}") from None
+    return config

@@ -113,7 +113,7 @@ def _write(data: torch.Tensor, out: str, picture):
     elif out.endswith(".png"):
         picture(out)
     else:
-        raise SystemExit(f"scoresde sample: --out {out!r}: expected a file name ending in .png or .npy")
+        raise ValueError(f"--out {out!r}: expected a file name ending in .png or .npy")
     print(f"wrote {out}")
 
 

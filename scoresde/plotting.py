@@ -35,7 +35,7 @@ def save_image_grid(images: torch.Tensor, path: str, *, title: str | None = None
     c, h, w = grid.shape
     fig = plt.figure(figsize=(w * scale / 100, h * scale / 100 + (0.3 if title else 0)), dpi=100)
     ax = fig.add_axes((0, 0, 1, h / (h + (30 / scale if title else 0))))
-    ax.imshow(grid[0] if c == 1 else grid.permute(1, 2, 0), cmap="gray" if c == 1 else None,
+    ax.imshow((grid[0] if c == 1 else grid.permute(1, 2, 0)).numpy(), cmap="gray" if c == 1 else None,
               vmin=0, vmax=1, interpolation="nearest")
     ax.axis("off")
     if title:
@@ -55,7 +55,7 @@ def save_scatter(points: torch.Tensor, path: str, *, title: str = "", log_densit
         grid = torch.linspace(-lim, lim, 300, dtype=torch.float64)
         xx, yy = torch.meshgrid(grid, grid, indexing="xy")
         density = log_density(torch.stack([xx.flatten(), yy.flatten()], 1)).exp().reshape(xx.shape)
-        axes[0].imshow(density.sqrt(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma")
+        axes[0].imshow(density.sqrt().numpy(), extent=(-lim, lim, -lim, lim), origin="lower", cmap="magma")
         axes[0].set_title("true density (square root)")
     pts = points.detach().float().cpu().numpy()
     axes[-1].scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.4, color="tab:blue")

@@ -25,10 +25,12 @@ class Pretrained:
     path: Path
 
     def to_data_units(self, x: torch.Tensor) -> torch.Tensor:
-        """Model units back to the data set's own: images from [-1, 1] to data_range (the digits'
-        0..16, 8-bit images' 0..255); other data stays in model units."""
-        lo, hi = self.config["data"].get("data_range") or (-1.0, 1.0)
-        return (x + 1) * ((hi - lo) / 2) + lo if len(self.sample_shape) == 3 else x
+        """Model units back to the data set's own (the digits' 0..16, 8-bit images' 0..255, a toy
+        set's coordinates): the affine map the checkpoint recorded."""
+        from .train.data import Affine
+
+        units = self.config["data"].get("units", {"scale": 1.0, "shift": 0.0})
+        return Affine(*(tuple(v) if isinstance(v, list) else v for v in (units["scale"], units["shift"])))(x)
 
 
 def sde_from_config(schedule: dict) -> VPSDE:
@@ -70,7 +72,8 @@ def export_model(checkpoint_path, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = found.ema_state or found.model_state
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"),
+              metadata={"step": str(found.step)})
     config = {key: found.config[key] for key in ("architecture", "schedule", "prediction", "data")}
     config["source"] = {"checkpoint": str(found.path), "step": found.step, "train": found.config.get("train")}
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")

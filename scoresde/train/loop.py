@@ -78,7 +78,7 @@ def checkpoint_config(config: TrainConfig, net: torch.nn.Module, data: datasets.
         "schedule": config.schedule_config(),
         "prediction": config.target,
         "data": {"name": data.name, "sample_shape": list(data.sample_shape), "num_classes": data.num_classes,
-                 "data_range": list(data.data_range)},
+                 "data_range": list(data.data_range), "units": dataclasses.asdict(data.to_data_units)},
         "train": dataclasses.asdict(config),
     }
 

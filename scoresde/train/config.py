@@ -89,7 +89,7 @@ class TrainConfig:
 
 PRESETS = {
     # The shipped model: a small conditional UNet on scikit-learn's 8x8 digits, trained on CPU.
-    "digits": TrainConfig(data="digits", model="digits", steps=8000, batch_size=128, lr=1e-3, warmup=200,
+    "digits": TrainConfig(data="digits", model="digits", steps=6000, batch_size=128, lr=1e-3, warmup=200,
                           ema_decay=0.999, sample_every=1000, ckpt_every=1000, log_every=50, out="runs/digits"),
     "toy2d": TrainConfig(data="mixture", model="toy2d", steps=5000, batch_size=512, lr=1e-3, warmup=100,
                          cond_drop=0.0, sample_n=2000, sample_every=1000, ckpt_every=1000, log_every=100,

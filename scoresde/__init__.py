@@ -1,8 +1,9 @@
 """scoresde: score-based diffusion models where the DDPM chain and the VP-SDE are one object."""
-from . import analytic, grids, prediction, schedules
+from . import analytic, grids, nn, prediction, schedules
 from .analytic import Gaussian, GaussianMixture
 from .grids import GRIDS
 from .prediction import Denoiser
+from .pretrained import load_model
 from .sde import VPSDE
 from .solvers import SOLVERS, BrownianNoise, GaussianNoise, SampleInfo, sample
 
@@ -10,5 +11,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VPSDE", "Denoiser", "sample", "SOLVERS", "GRIDS", "SampleInfo", "GaussianNoise", "BrownianNoise",
-    "Gaussian", "GaussianMixture", "analytic", "grids", "prediction", "schedules",
+    "Gaussian", "GaussianMixture", "analytic", "grids", "nn", "prediction", "schedules", "load_model",
 ]

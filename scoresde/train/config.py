@@ -1,6 +1,7 @@
 """Training configuration: one dataclass, named presets, and `key=value` overrides."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 from dataclasses import dataclass, field
@@ -127,6 +128,14 @@ def _parse(text: str, like):
     return text
 
 
+def _literal(text: str):
+    """A network argument: a Python literal ("32", "0.1", "(1, 2)", "None") or else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
 def apply_overrides(config: TrainConfig, overrides) -> TrainConfig:
     """Apply `key=value` strings: a TrainConfig field, or `model.KEY` for the network preset."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "model_overrides"}
@@ -135,7 +144,7 @@ def apply_overrides(config: TrainConfig, overrides) -> TrainConfig:
         if not sep:
             raise ValueError(f"override {item!r}: expected key=value")
         if key.startswith("model."):
-            config.model_overrides[key[6:]] = _parse(text, None)
+            config.model_overrides[key[6:]] = _literal(text)
             continue
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)

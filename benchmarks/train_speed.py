@@ -50,7 +50,7 @@ class Stopwatch:
 
 def measure(config, cuda: bool, warm: int) -> dict:
     """One run of the real loop: `warm` steps (compilation included), then `config.steps - warm`
-    timed steps, between the loop's own log points (log_every = warm)."""
+    timed steps, between the loop's own last two log points (log_every = warm = the timed steps)."""
     watch = Stopwatch(cuda, skip=warm)
     real_loss, real_backward = loop.diffusion_loss, torch.Tensor.backward
     loop.diffusion_loss = watch.wrap(real_loss, False)
@@ -83,7 +83,7 @@ def main():
         np.save(data, np.random.default_rng(0).uniform(-1, 1, size=(50_000, *shape)).astype(np.float32))
     for compile_ in (False, True):
         for bf16 in ((False, True) if cuda else (False,)):
-            warm = max(3, args.steps // 4)
+            warm = args.steps  # logs at `warm` and at 2 warm: the last record spans exactly the timed steps
             items = [f"batch_size={args.batch}", f"compile={compile_}", f"bf16={bf16}", "warmup=1",
                      f"steps={warm + args.steps}", f"log_every={warm}", f"sample_every={10**9}",
                      f"ckpt_every={10**9}"]

@@ -137,7 +137,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         net = net.to(memory_format=torch.channels_last)
     sde, objective = config.sde(), config.objective()
     ema = EMA(net, config.ema_decay, config.ema_warmup)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     noise = torch.Generator(device).manual_seed(config.seed * 1000 + rank)  # t, eps and label dropout
     saved_config = checkpoint_config(config, net, data)
     labelled = data.num_classes is not None and net.config.get("num_classes") is not None

@@ -1,4 +1,4 @@
-"""The `scoresde` command: sample, train, export."""
+"""The `scoresde` command: sample, train, presets, export."""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default=None, help="run folder (default: the preset's)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+    commands.add_parser("presets", help="list the network and training presets, with parameter counts")
 
     e = commands.add_parser("export", help="write a checkpoint's EMA weights and config for shipping",
                             description="Write CHECKPOINT's EMA weights as OUT/model.safetensors with "
@@ -131,6 +133,20 @@ def _train(args) -> int:
     return 0
 
 
+def _presets(args) -> int:
+    from . import nn as networks
+    from .train.config import PRESETS
+
+    print("networks (model=...):")
+    for name in networks.PRESETS:
+        print(f"  {name:8s} {networks.describe(networks.from_preset(name))}")
+    print("training (scoresde train --preset ...):")
+    for name, config in PRESETS.items():
+        print(f"  {name:8s} data={config.data} model={config.model} steps={config.steps} "
+              f"batch_size={config.batch_size} lr={config.lr}")
+    return 0
+
+
 def _export(args) -> int:
     from .pretrained import export_model
 
@@ -145,6 +161,8 @@ def main(argv=None) -> int:
             return _sample_mixture(args) if args.model == "mixture" else _sample_model(args)
         if args.command == "train":
             return _train(args)
+        if args.command == "presets":
+            return _presets(args)
         return _export(args)
     except (ValueError, FileNotFoundError) as err:
         # Bad input gets its message, not a traceback.

@@ -156,3 +156,11 @@ def test_cli_train_rejects_unknown_override(capsys):
 
     assert main(["train", "--preset", "digits", "--set", "stepz=3"]) == 2
     assert "did you mean 'steps'" in capsys.readouterr().err
+
+
+def test_cli_lists_presets_with_parameter_counts(capsys):
+    from scoresde.cli import main
+
+    assert main(["presets"]) == 0
+    printed = capsys.readouterr().out
+    assert "35.75M parameters" in printed and "digits" in printed and "toy2d" in printed

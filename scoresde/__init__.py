@@ -1,7 +1,8 @@
 """scoresde: score-based diffusion models where the DDPM chain and the VP-SDE are one object."""
-from . import analytic, grids, nn, prediction, schedules
+from . import analytic, grids, likelihood, nn, prediction, schedules
 from .analytic import Gaussian, GaussianMixture
 from .grids import GRIDS
+from .likelihood import log_likelihood
 from .prediction import Denoiser
 from .pretrained import load_model
 from .sde import VPSDE
@@ -12,4 +13,5 @@ __version__ = "0.1.0"
 __all__ = [
     "VPSDE", "Denoiser", "sample", "SOLVERS", "GRIDS", "SampleInfo", "GaussianNoise", "BrownianNoise",
     "Gaussian", "GaussianMixture", "analytic", "grids", "nn", "prediction", "schedules", "load_model",
+    "likelihood", "log_likelihood",
 ]

@@ -1,4 +1,4 @@
-"""The `scoresde` command: sample, train, presets, export."""
+"""The `scoresde` command: sample, train, likelihood, presets, export."""
 from __future__ import annotations
 
 import argparse
@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
     commands.add_parser("presets", help="list the network and training presets, with parameter counts")
+    commands.add_parser("likelihood", add_help=False,
+                        help="bits/dim of the digits under a model (scoresde likelihood -h)")
 
     e = commands.add_parser("export", help="write a checkpoint's EMA weights and config for shipping",
                             description="Write CHECKPOINT's EMA weights as OUT/model.safetensors with "
@@ -155,6 +157,11 @@ def _export(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["likelihood"]:  # its own parser lives with it
+        from .likelihood import cli_main
+
+        return cli_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "sample":

@@ -1,7 +1,9 @@
 """scoresde: score-based diffusion models where the DDPM chain and the VP-SDE are one object."""
-from . import analytic, grids, likelihood, nn, prediction, schedules
+from . import analytic, grids, guidance, likelihood, nn, prediction, schedules
 from .analytic import Gaussian, GaussianMixture
 from .grids import GRIDS
+from .guidance import (ClassifierFreeGuidance, ClassifierGuidance, Inpaint, X0Correction, dynamic_threshold,
+                       static_threshold)
 from .likelihood import log_likelihood
 from .prediction import Denoiser
 from .pretrained import load_model
@@ -13,5 +15,6 @@ __version__ = "0.1.0"
 __all__ = [
     "VPSDE", "Denoiser", "sample", "SOLVERS", "GRIDS", "SampleInfo", "GaussianNoise", "BrownianNoise",
     "Gaussian", "GaussianMixture", "analytic", "grids", "nn", "prediction", "schedules", "load_model",
-    "likelihood", "log_likelihood",
+    "likelihood", "log_likelihood", "guidance", "ClassifierFreeGuidance", "ClassifierGuidance", "Inpaint",
+    "X0Correction", "dynamic_threshold", "static_threshold",
 ]

@@ -151,9 +151,16 @@ class DiscreteSchedule(Schedule):
         self.num_steps = betas.numel()
         # log alpha at the knots n/N, n = 0..N (alpha(0) = 1).
         self.knots = torch.cat([torch.zeros(1, dtype=F64), 0.5 * torch.cumsum(torch.log1p(-betas), 0)])
+        self._knot_copies = {torch.device("cpu"): self.knots}
 
     def __repr__(self):
         return f"DiscreteSchedule(N={self.num_steps})"
+
+    def _knots_on(self, device) -> torch.Tensor:
+        """The knots on `device`, copied there once (a copy per call would wait for the GPU)."""
+        if device not in self._knot_copies:
+            self._knot_copies[device] = self.knots.to(device)
+        return self._knot_copies[device]
 
     def _segment(self, t):
         """Index n-1 of the segment ((n-1)/N, n/N] holding t, and t's position N t."""
@@ -167,18 +174,18 @@ class DiscreteSchedule(Schedule):
 
     def log_alpha(self, t):
         seg, pos = self._segment(t)
-        knots = self.knots.to(seg.device)
+        knots = self._knots_on(seg.device)
         left, right = knots[seg], knots[seg + 1]
         return left + (pos - seg) * (right - left)
 
     def dlog_alpha(self, t):
         seg, _ = self._segment(t)
-        knots = self.knots.to(seg.device)
+        knots = self._knots_on(seg.device)
         return (knots[seg + 1] - knots[seg]) * self.num_steps
 
     def t_from_log_alpha(self, log_alpha):
         log_alpha = as_time(log_alpha)
-        knots = self.knots.to(log_alpha.device)
+        knots = self._knots_on(log_alpha.device)
         seg = (torch.searchsorted(-knots, -log_alpha.contiguous()) - 1).clamp(0, self.num_steps - 1)
         left, right = knots[seg], knots[seg + 1]
         return (seg + (log_alpha - left) / (right - left)) / self.num_steps

@@ -17,7 +17,7 @@ FIXED = [n for n in SOLVER_NAMES if not sd.SOLVERS[n].adaptive]
 ADAPTIVE = [n for n in SOLVER_NAMES if sd.SOLVERS[n].adaptive]
 STOCHASTIC = [n for n in SOLVER_NAMES if sd.SOLVERS[n].stochastic]
 # Options that make a stochastic solver actually draw noise (DDIM defaults to eta = 0).
-NOISY_OPTIONS = {"ddim": {"eta": 1.0}}
+NOISY_OPTIONS = {"ddim": {"eta": 1.0}, "edm": {"s_churn": 10.0}}
 
 # The torchsde bridge steps on its own: it reports one callback at the end, takes uniform grids only,
 # and draws one Brownian interval for the whole batch.

@@ -13,7 +13,7 @@ from ..prediction import Denoiser, eps_to_x0
 from ..sde import VPSDE
 from .base import SOLVERS, BrownianNoise, GaussianNoise, ModelRun, Solver, register
 from . import ancestral, ode, sde as _sde_solvers  # noqa: F401  (each registers its solvers)
-from . import dpm, edm, unipc  # noqa: F401
+from . import adaptive_sde, dpm, edm, pc, unipc  # noqa: F401
 
 DEFAULT_NFE = 50  # steps default to about this many model calls
 

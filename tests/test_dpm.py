@@ -19,13 +19,6 @@ MULTISTEP = ["dpm_solver_pp_2m", "dpm_solver_pp_3m", "dpm_solver_pp_2m_sde"]
 SDES = {"linear": sd.VPSDE.linear, "cosine": sd.VPSDE.cosine}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors through many model calls: intra-op threads only add wake-up latency."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fitted_order(steps, errors) -> float:

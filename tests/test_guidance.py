@@ -27,12 +27,6 @@ SOLVER_NAMES = sorted(sd.SOLVERS)
 T_END = SDE.t_min
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def seed(i=0):

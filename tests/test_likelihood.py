@@ -27,13 +27,6 @@ DATA = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of tiny model calls and vector-Jacobian products: extra threads cost more than they give."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def draws(data, n, seed=0):

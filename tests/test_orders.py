@@ -16,16 +16,6 @@ MEAN, STD = [0.7, -0.4], 0.5  # a non-trivial Gaussian: off-centre and narrower 
 T_END = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests push tiny tensors through thousands of model calls; with several intra-op
-    threads the thread wake-ups cost more than the arithmetic (notably on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def fitted_order(steps, errors) -> float:
     """Slope of log(error) against log(1/steps): the empirical order of convergence."""
     return float(np.polyfit(np.log(1.0 / np.asarray(steps, float)), np.log(np.asarray(errors, float)), 1)[0])

@@ -18,13 +18,6 @@ from test_solvers import expected_std_ratio, mixture_failures, sharp_mixture_16d
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors through many model calls: intra-op threads only add wake-up latency."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Counting:

@@ -24,13 +24,6 @@ NOISY_OPTIONS = {"ddim": {"eta": 1.0}, "edm": {"s_churn": 10.0}}
 BRIDGE = "torchsde"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors through many model calls: intra-op threads only add wake-up latency."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class Counting:

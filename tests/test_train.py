@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import scoresde as sd
 from scoresde.train import checkpoint as ckpt
 from scoresde.train import loop
 from scoresde.train.config import apply_overrides, preset
@@ -24,12 +23,6 @@ def tiny(tmp_path, name="run", **overrides):
     return config
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def final_weights(root):

@@ -21,13 +21,6 @@ T_END = 1e-3
 SDES = {"linear": sd.VPSDE.linear, "cosine": sd.VPSDE.cosine}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors through many model calls: intra-op threads only add wake-up latency."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def fitted_order(steps, errors) -> float:

@@ -10,7 +10,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import math
 import os
 import time
 import warnings

@@ -13,6 +13,10 @@ Metrics, lower is better:
 - transport: RMS distance to a tight probability-flow solution (dopri5, rtol = atol = 1e-8,
   float64) from the same x_T (deterministic samplers only).
 The "floor" row applies the metrics to that reference itself: pure sampling noise of n samples.
+
+Verdict per problem and NFE: a sampler's score is its worst mode metric in units of the floor
+(each floor taken as at least one sample, 1/n); a score of at most 2 is "within twice the floor",
+where the mode metrics no longer tell samplers apart, so there the smaller transport error decides.
 """
 from __future__ import annotations
 
@@ -57,17 +61,22 @@ def metrics(mixture, x, expected, reference=None):
     return out
 
 
+# The multistep solvers also run on Karras et al.'s grid, as diffusers' do with use_karras_sigmas.
+KARRAS_VARIANTS = ("dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc")
+
+
 def our_runs(mixture, sde, x_T, nfe):
     """Every registered solver at the largest step count within `nfe` model calls."""
-    for name, spec in sd.SOLVERS.items():
-        if spec.adaptive or name in ("torchsde",):
-            continue
+    configs = [(name, None) for name in sd.SOLVERS] + [(name, "karras") for name in KARRAS_VARIANTS]
+    for name, grid in configs:
+        spec = sd.SOLVERS[name]
         steps = (nfe - 1) // spec.nfe_per_step
-        if steps < 1:
+        if spec.adaptive or name == "torchsde" or steps < 1:
             continue
-        x, info = sd.sample(mixture, sde, x_T=x_T.clone(), solver=name, steps=steps, return_info=True,
+        x, info = sd.sample(mixture, sde, x_T=x_T.clone(), solver=name, steps=steps, grid=grid, return_info=True,
                             generator=torch.Generator().manual_seed(1))
-        yield name, x, info.nfe, not spec.stochastic or name == "ddim"
+        label = name if grid is None else f"{name} ({grid})"
+        yield label, x, info.nfe, not spec.stochastic or name == "ddim"
 
 
 def diffusers_runs(diffusers, mixture, x_T, nfe):
@@ -130,6 +139,41 @@ def main():
     write(rows, args, time.perf_counter() - start)
 
 
+MODE_METRICS = ("weight_error", "stray", "spread_error")
+
+
+def floor_score(row, floor, n):
+    """The worst mode metric in units of its sampling-noise floor (at least one sample, 1/n)."""
+    return max(row[m] / max(floor[m], 1.0 / n) for m in MODE_METRICS)
+
+
+def best(rows, floor, n):
+    """The sampler with the lowest floor score; within twice the floor, the lowest transport error."""
+    def key(r):
+        score = floor_score(r, floor, n)
+        return (max(score, 2.0), r.get("transport", math.inf), score)
+    return min(rows, key=key, default=None)
+
+
+def verdicts(rows, n):
+    """Per problem and NFE budget: the best sampler of each library and whether ours wins."""
+    out = []
+    for problem in dict.fromkeys(r["problem"] for r in rows):
+        mine = [r for r in rows if r["problem"] == problem]
+        floor = next(r for r in mine if r["nfe"] is None)
+        for nfe in dict.fromkeys(r["nfe_budget"] for r in mine if r["nfe"] is not None):
+            ours = best([r for r in mine if r.get("nfe_budget") == nfe and not r["sampler"].startswith("diffusers")],
+                        floor, n)
+            theirs = best([r for r in mine if r.get("nfe_budget") == nfe and r["sampler"].startswith("diffusers")],
+                          floor, n)
+            out.append({"problem": problem, "nfe": nfe, "ours": ours["sampler"], "ours_score": floor_score(ours, floor, n),
+                        "ours_transport": ours.get("transport"), "theirs": theirs and theirs["sampler"],
+                        "theirs_score": theirs and floor_score(theirs, floor, n),
+                        "theirs_transport": theirs and theirs.get("transport"),
+                        "ours_wins": theirs is None or best([ours, theirs], floor, n) is ours})
+    return out
+
+
 def write(rows, args, seconds):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +188,15 @@ def write(rows, args, seconds):
             lines.append(f"| {r['sampler']} | {r['nfe'] or '—'} | {r['weight_error']:.4f} | {r['stray']:.4f} | "
                          f"{r['spread_error']:.3f} | {transport} |")
         lines.append("")
+    lines += ["### Verdict", "", "Score: worst mode metric in units of the floor (<= 2: within twice the floor, "
+              "where transport decides).", "",
+              "| problem | NFE | best scoresde | score | transport | best diffusers | score | transport | ours wins |",
+              "|---|---:|---|---:|---:|---|---:|---:|:---:|"]
+    fmt = lambda v, spec: "—" if v is None else format(v, spec)  # noqa: E731
+    for v in verdicts(rows, args.n):
+        lines.append(f"| {v['problem']} | {v['nfe']} | {v['ours']} | {v['ours_score']:.2f} | "
+                     f"{fmt(v['ours_transport'], '.4f')} | {v['theirs'] or '—'} | {fmt(v['theirs_score'], '.2f')} | "
+                     f"{fmt(v['theirs_transport'], '.4f')} | {'yes' if v['ours_wins'] else 'no'} |")
     text = "\n".join(lines)
     (out / "quality.md").write_text(text)
     print(text)

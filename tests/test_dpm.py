@@ -5,25 +5,16 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import scoresde as sd
 from scoresde.solvers import dpm  # registers the solvers
 
-F64 = torch.float64
-MEAN, STD = [0.7, -0.4], 0.5  # off-centre and narrower than the prior
+from helpers import F64, SDES, assert_order, fitted_order, flow_errors
+
 DPM_SOLVERS = ["dpm_solver_2", "dpm_solver_3", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "dpm_solver_pp_2m_sde"]
 MULTISTEP = ["dpm_solver_pp_2m", "dpm_solver_pp_3m", "dpm_solver_pp_2m_sde"]
-SDES = {"linear": sd.VPSDE.linear, "cosine": sd.VPSDE.cosine}
-
-
-
-
-def fitted_order(steps, errors) -> float:
-    """Slope of log(error) against log(1/steps)."""
-    return float(np.polyfit(np.log(1.0 / np.asarray(steps, float)), np.log(np.asarray(errors, float)), 1)[0])
 
 
 def grid(sde, name, steps, t_end):
@@ -60,15 +51,9 @@ ORDER_CASES = [
 @pytest.mark.parametrize("sde_name,solver,order,grid_name,t_end,steps_list", ORDER_CASES,
                          ids=[f"{c[0]}-{c[1]}-{c[3]}" for c in ORDER_CASES])
 def test_order_against_the_exact_flow(sde_name, solver, order, grid_name, t_end, steps_list):
-    sde = SDES[sde_name]()
-    data = sd.Gaussian(sde, MEAN, STD)
-    x_T = torch.randn(32, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
-    exact = data.flow(x_T, sde.T, t_end)
-    errors = [(sd.sample(data, sde, x_T=x_T, solver=solver, grid=grid(sde, grid_name, n, t_end),
-                         final_denoise=False) - exact).abs().max().item() for n in steps_list]
-    assert errors[-1] > 1e3 * np.finfo(np.float64).eps, "error reached round-off: the fit would be meaningless"
+    errors = flow_errors(SDES[sde_name](), solver, steps_list, grid=grid_name, t_end=t_end)
     # Band +-0.3: a method one order lower or higher is off by >= 0.7.
-    assert fitted_order(steps_list, errors) == pytest.approx(order, abs=0.3), errors
+    assert_order(steps_list, errors, order, band=0.3)
 
 
 def quadratic_x0_model(sde, coef):

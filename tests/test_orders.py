@@ -11,14 +11,9 @@ import torch
 
 import scoresde as sd
 
-F64 = torch.float64
-MEAN, STD = [0.7, -0.4], 0.5  # a non-trivial Gaussian: off-centre and narrower than the prior
+from helpers import F64, MEAN, SDES, STD, assert_order, fitted_order, flow_errors
+
 T_END = 1e-3
-
-
-def fitted_order(steps, errors) -> float:
-    """Slope of log(error) against log(1/steps): the empirical order of convergence."""
-    return float(np.polyfit(np.log(1.0 / np.asarray(steps, float)), np.log(np.asarray(errors, float)), 1)[0])
 
 
 def log_snr_grid(sde, steps, t_end=T_END):
@@ -41,35 +36,21 @@ ODE_CASES = [
     ("cosine", "heun", 2, [16, 32, 64, 128, 256]),
     ("cosine", "rk4", 4, [16, 32, 64, 128]),
 ]
-SDES = {"linear": sd.VPSDE.linear, "cosine": sd.VPSDE.cosine}
 
 
 @pytest.mark.parametrize("sde_name,solver,order,steps_list", ODE_CASES,
                          ids=[f"{c[0]}-{c[1]}" for c in ODE_CASES])
 def test_pf_ode_solver_order(sde_name, solver, order, steps_list):
-    sde = SDES[sde_name]()
-    data = sd.Gaussian(sde, MEAN, STD)
-    x_T = torch.randn(32, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
-    exact = data.flow(x_T, sde.T, T_END)
-    errors = []
-    for n in steps_list:
-        x = sd.sample(data, sde, x_T=x_T, solver=solver, grid=log_snr_grid(sde, n), final_denoise=False)
-        errors.append((x - exact).abs().max().item())
-    assert errors[-1] > 1e3 * np.finfo(np.float64).eps, "error reached round-off: the fit would be meaningless"
+    errors = flow_errors(SDES[sde_name](), solver, steps_list, t_end=T_END)
     # Band +-0.25 around the nominal order: a method one order lower or higher is off by >= 1.
-    assert fitted_order(steps_list, errors) == pytest.approx(order, abs=0.25), errors
+    assert_order(steps_list, errors, order, band=0.25)
 
 
 def test_heun_order_on_uniform_grid():
     """The order does not hinge on the log-SNR grid: uniform steps in t give the same slope."""
-    sde = sd.VPSDE.linear()
-    data = sd.Gaussian(sde, MEAN, STD)
-    x_T = torch.randn(32, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
-    exact = data.flow(x_T, sde.T, T_END)
     steps_list = [16, 32, 64, 128, 256]
-    errors = [(sd.sample(data, sde, x_T=x_T, solver="heun", grid=uniform_grid(sde, n), final_denoise=False)
-               - exact).abs().max().item() for n in steps_list]
-    assert fitted_order(steps_list, errors) == pytest.approx(2, abs=0.25), errors
+    errors = flow_errors(sd.VPSDE.linear(), "heun", steps_list, grid="uniform", t_end=T_END, seed=2)
+    assert_order(steps_list, errors, 2, band=0.25)
 
 
 # ---- Euler-Maruyama: strong order 1 (additive noise) on coupled Brownian paths ------------------------

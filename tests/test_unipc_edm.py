@@ -15,17 +15,9 @@ import scoresde.solvers.edm  # registers "edm"
 import scoresde.solvers.unipc  # registers "unipc"
 from scoresde.solvers.base import ModelRun
 
-F64 = torch.float64
-MEAN, STD = [0.7, -0.4], 0.5  # the Gaussian of tests/test_orders.py
+from helpers import F64, SDES, assert_order, flow_errors
+
 T_END = 1e-3
-SDES = {"linear": sd.VPSDE.linear, "cosine": sd.VPSDE.cosine}
-
-
-
-
-def fitted_order(steps, errors) -> float:
-    """Slope of log(error) against log(1/steps)."""
-    return float(np.polyfit(np.log(1.0 / np.asarray(steps, float)), np.log(np.asarray(errors, float)), 1)[0])
 
 
 class Counting:
@@ -61,19 +53,10 @@ ORDER_CASES = [(sde, k, corr, variant) for sde in ("linear", "cosine") for k in 
 @pytest.mark.parametrize("sde_name,order,corrector,variant", ORDER_CASES,
                          ids=[f"{c[0]}-order{c[1]}-{'unipc' if c[2] else 'unip'}-{c[3]}" for c in ORDER_CASES])
 def test_unipc_order(sde_name, order, corrector, variant):
-    sde = SDES[sde_name]()
-    data = sd.Gaussian(sde, MEAN, STD)
-    x_T = torch.randn(32, 2, dtype=F64, generator=torch.Generator().manual_seed(1))
-    exact = data.flow(x_T, sde.T, T_END)
-    errors = []
-    for n in ORDER_STEPS:
-        x = sd.sample(data, sde, x_T=x_T, solver="unipc", grid=sd.GRIDS["karras"](sde, n, sde.T, T_END),
-                      order=order, corrector=corrector, variant=variant, final_denoise=False)
-        errors.append((x - exact).abs().max().item())
-    assert errors[-1] > 1e3 * np.finfo(np.float64).eps, "error reached round-off: the fit would be meaningless"
-    expected = order + corrector
+    errors = flow_errors(SDES[sde_name](), "unipc", ORDER_STEPS, grid="karras", t_end=T_END,
+                         order=order, corrector=corrector, variant=variant)
     # Band +-0.3: a method one order off (a wrong rho, a missing corrector term) is off by >= 0.7.
-    assert fitted_order(ORDER_STEPS, errors) == pytest.approx(expected, abs=0.3), errors
+    assert_order(ORDER_STEPS, errors, order + corrector, band=0.3)
 
 
 def test_phi_functions_are_accurate_for_small_and_large_steps():

@@ -9,6 +9,7 @@ from .prediction import Denoiser
 from .pretrained import load_model
 from .sde import VPSDE
 from .solvers import SOLVERS, BrownianNoise, GaussianNoise, SampleInfo, sample
+from .chunked import ChunkedRun, load_samples, sample_to_disk  # noqa: E402 (after solvers)
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ __all__ = [
     "Gaussian", "GaussianMixture", "analytic", "grids", "nn", "prediction", "schedules", "load_model",
     "likelihood", "log_likelihood", "guidance", "ClassifierFreeGuidance", "ClassifierGuidance", "Inpaint",
     "X0Correction", "dynamic_threshold", "static_threshold",
+    "sample_to_disk", "load_samples", "ChunkedRun",
 ]

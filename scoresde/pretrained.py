@@ -53,12 +53,22 @@ def load_model(path=None, *, device="cpu", ema: bool = True) -> Pretrained:
         path = path / "model.safetensors"  # an exported model: weights and config only
     found = ckpt.load_checkpoint(path, map_location=device)
     config = found.config
-    net = networks.build_network(config["architecture"])
-    net.load_state_dict(found.ema_state if ema and found.ema_state else found.model_state)
-    net = net.to(device).eval()
-    sde = sde_from_config(config["schedule"])
-    denoiser = Denoiser(net, sde, prediction=config.get("prediction", "eps"))
-    return Pretrained(denoiser, sde, tuple(config["data"]["sample_shape"]), config, found.path)
+    # A config that is not ours, or weights of another network: an error naming the files.
+    try:
+        net = networks.build_network(config["architecture"])
+        sde = sde_from_config(config["schedule"])
+        denoiser = Denoiser(net, sde, prediction=config.get("prediction", "eps"))
+        sample_shape = tuple(config["data"]["sample_shape"])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        what = f"no {e} entry" if isinstance(e, KeyError) else str(e)
+        raise ckpt.CheckpointError(f"{found.config_path}: not a model config of scoresde ({what})") from None
+    try:
+        net.load_state_dict(found.ema_state if ema and found.ema_state else found.model_state)
+    except RuntimeError as e:
+        raise ckpt.CheckpointError(f"{found.path}: the weights do not fit the network described in "
+                                   f"{found.config_path}: {e}") from None
+    net.to(device).eval()
+    return Pretrained(denoiser, sde, sample_shape, config, found.path)
 
 
 def export_model(checkpoint_path, out_dir) -> Path:

@@ -47,11 +47,13 @@ __all__ = [
     "CheckpointError",
     "CheckpointWriteError",
     "check_compatible",
+    "config_differences",
     "latest_checkpoint",
     "load_checkpoint",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
+    "write_atomic",
 ]
 
 FORMAT, VERSION = "scoresde.checkpoint", 1
@@ -84,6 +86,11 @@ class Checkpoint:
     ema_state: dict[str, torch.Tensor] | None = field(repr=False)
     config: dict
     state: dict = field(repr=False)
+
+    @property
+    def config_path(self) -> Path:
+        """The config.json this checkpoint's `config` was read from (for messages)."""
+        return self.path / CONFIG if self.path.is_dir() else self.path.with_name(CONFIG)
 
 
 # ---- argument checks -----------------------------------------------------------------------------
@@ -207,19 +214,27 @@ def _hidden(root: Path, name: str, kind: str) -> Path:
     return root / f".{name}.{kind}-{secrets.token_hex(4)}"
 
 
-def _write_latest(root: Path, name: str):
-    """Point `latest` at `name`: the save's commit point (os.replace is atomic)."""
-    tmp = _hidden(root, "latest", "tmp")
+def write_atomic(path: Path, data: bytes) -> dict:
+    """Replace `path` with `data` so that a reader (or a process killed at any moment) sees the old
+    file or the whole new one, never a part: a hidden temporary file beside it, fsync'd, then
+    os.replace and an fsync of the directory. Returns the file's manifest entry."""
+    tmp = _hidden(path.parent, path.name, "tmp")
     try:
-        _write_file(tmp, (name + "\n").encode())
-        os.replace(tmp, root / LATEST)
+        entry = _write_file(tmp, data)
+        os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     try:
-        _fsync_dir(root)
-    except OSError as e:  # after the commit point: the save stands
-        warnings.warn(f"{root}: could not fsync the directory after updating {LATEST} ({e})")
+        _fsync_dir(path.parent)
+    except OSError as e:  # after the commit point: the file stands
+        warnings.warn(f"{path.parent}: could not fsync the directory after replacing {path.name} ({e})")
+    return entry
+
+
+def _write_latest(root: Path, name: str):
+    """Point `latest` at `name`: the save's commit point."""
+    write_atomic(root / LATEST, (name + "\n").encode())
 
 
 def _serialize(step: int, model, ema, config_bytes: bytes, state) -> list:
@@ -633,8 +648,16 @@ def check_compatible(checkpoint: Checkpoint, expected: Mapping,
         if saved is not _MISSING or wanted is not _MISSING:
             mismatches += _differences(key, saved, wanted)
     if mismatches:
-        source = checkpoint.path / CONFIG if checkpoint.path.is_dir() else checkpoint.path.with_name(CONFIG)
-        raise CheckpointError(f"{source}: the checkpoint does not match:\n  " + "\n  ".join(mismatches))
+        raise CheckpointError(f"{checkpoint.config_path}: the checkpoint does not match:\n  "
+                              + "\n  ".join(mismatches))
+
+
+def config_differences(saved: Mapping, expected: Mapping) -> list[str]:
+    """Every leaf at which two JSON-like dicts differ, as ``key: saved X, expected Y`` (tuples and
+    lists alike, 20 and 20.0 alike, True and 1 not)."""
+    saved, expected = _as_json(saved), _as_json(expected)
+    return [line for key in sorted(set(saved) | set(expected), key=str)
+            for line in _differences(key, saved.get(key, _MISSING), expected.get(key, _MISSING))]
 
 
 # ---- random states -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .. import nn as networks
 from ..prediction import Denoiser
-from ..solvers import sample
+from ..solvers import SOLVERS, sample
 from . import checkpoint as ckpt
 from . import data as datasets
 from .config import TrainConfig
@@ -84,7 +84,7 @@ def checkpoint_config(config: TrainConfig, net: torch.nn.Module, data: datasets.
 
 def _learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warm-up to config.lr, then constant (Ho et al. 2020)."""
-    return config.lr * min(1.0, (step + 1) / config.warmup)
+    return config.lr * min(1.0, (step + 1) / max(config.warmup, 1))  # warmup=0: no warm-up
 
 
 def _drop_labels(y, num_classes, p, generator):
@@ -103,8 +103,9 @@ def _save_samples(net, ema, config, data, sde, path, device):
     ema.copy_to(sampler)
     denoiser = Denoiser(sampler, sde, prediction=config.target)
     with torch.no_grad():
+        steps = None if SOLVERS[config.sample_solver].adaptive else config.sample_steps  # adaptive: no steps
         x = sample(denoiser, sde, shape=(config.sample_n, *data.sample_shape), solver=config.sample_solver,
-                   steps=config.sample_steps, generator=torch.Generator().manual_seed(config.seed), device=device)
+                   steps=steps, generator=torch.Generator().manual_seed(config.seed), device=device)
     if len(data.sample_shape) == 3:
         lo, hi = data.data_range
         save_image_grid((data.to_data_units(x.cpu()) - lo) / (hi - lo), str(path))
@@ -145,7 +146,9 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     # ---- resume: weights, optimiser, EMA, step, every random state, the data stream's position ----
     if resume and ckpt.latest_checkpoint(out) is not None:
         found = ckpt.load_checkpoint(out, map_location=device)
-        ckpt.check_compatible(found, saved_config, keys=("architecture", "schedule", "prediction", "data"))
+        # How t is drawn (continuous, or the indices of an N-step chain) belongs to the schedule too.
+        ckpt.check_compatible(found, saved_config, keys=("architecture", "schedule", "prediction", "data",
+                                                          "train.time", "train.num_steps"))
         net.load_state_dict(found.model_state)
         optimizer.load_state_dict(found.state["optimizer"])
         ema.load_state_dict(found.ema_state, found.state["ema_updates"])

@@ -1,0 +1,233 @@
+"""Long sampling runs written to disk chunk by chunk: flat memory, resumable after a kill, and
+samples that do not depend on the chunking.
+
+    run = sd.sample_to_disk(model, sde, 10_000, "samples/", sample_shape=(3, 32, 32), batch_size=500,
+                            seed=0, solver="heun", steps=25)
+    x = sd.load_samples("samples/")                       # (10000, 3, 32, 32)
+
+The folder holds ``manifest.json`` (the run's arguments, written first) and ``chunk_000000.npy``,
+``chunk_000001.npy``, ... (samples ``k * batch_size`` onwards), each written to a hidden temporary
+file, fsync'd and renamed into place when it is finished: a chunk visible under its name is
+complete. A rerun with the same arguments draws only the missing chunks; other arguments are
+refused, naming what differs.
+
+Sample i is drawn with its own generator, seeded from (seed, i), so it is the same sample whatever
+the batch size, as long as the solver treats the samples of a batch independently (the adaptive ODE
+solvers "dopri5" and "rk45" do not: one step size serves the whole batch) and the model's output
+for a sample does not depend on the batch beside it (a network's batched matrix products may round
+differently at another batch size; the analytic models in `scoresde.analytic` do not).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .solvers import sample
+from .train.checkpoint import CheckpointError, _as_path, _check_int, config_differences, write_atomic
+
+__all__ = ["ChunkedRun", "load_samples", "sample_to_disk", "sample_seed"]
+
+FORMAT, VERSION = "scoresde.samples", 1
+MANIFEST = "manifest.json"
+_CHUNK = re.compile(r"chunk_(\d{6,})\.npy")
+_LEFTOVER = re.compile(r"\.(chunk_\d{6,}\.npy|manifest\.json)\.tmp-[0-9a-f]+")  # a killed writer's
+# Arguments of `sample` that per-sample seeding replaces or that return something else.
+_NOT_HERE = {"shape": "sample_shape and n", "x_T": "seed", "generator": "seed", "noise": "seed",
+             "return_info": "the returned ChunkedRun"}
+# Not compared on reruns: they do not change what is drawn (another device: up to rounding).
+_NOT_RECORDED = ("callback", "device")
+
+
+@dataclass
+class ChunkedRun:
+    """What `sample_to_disk` did: `drawn` chunks now, `skipped` found finished on disk."""
+
+    out_dir: Path
+    n: int
+    chunks: int
+    drawn: int
+    skipped: int
+
+
+def chunk_name(k: int) -> str:
+    return f"chunk_{k:06d}.npy"
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The 64-bit seed of sample `index` of a run seeded with `seed` (numpy's SeedSequence hash of
+    the pair, so that neighbouring seeds give unrelated streams)."""
+    low, high = np.random.SeedSequence((seed, index)).generate_state(2, np.uint32).tolist()
+    return low | high << 32
+
+
+def _check_sample_shape(sample_shape) -> tuple:
+    if not isinstance(sample_shape, (tuple, list, torch.Size)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in sample_shape):
+        raise ValueError(f"sample_shape={sample_shape!r}: expected a tuple of ints >= 1, the shape of one "
+                         "sample (no batch dimension)")
+    return tuple(sample_shape)
+
+
+def _recordable(name: str, value):
+    """A `sample` argument as JSON data for the manifest: what a rerun must repeat."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.ndim == 1:  # an explicit grid of times
+        return value.detach().to("cpu", torch.float64).tolist()
+    raise TypeError(f"{name}={value!r}: sample_to_disk records its arguments to resume a run, and a "
+                    f"{type(value).__name__} cannot be recorded; give a grid name or a 1-D tensor of times, "
+                    "and plain numbers or strings for solver options")
+
+
+def _run_args(sde, n, sample_shape, batch_size, seed, meta, sample_kwargs) -> dict:
+    refused = sorted(set(sample_kwargs) & set(_NOT_HERE))
+    if refused:
+        raise TypeError(f"sample_to_disk got {', '.join(refused)}: use "
+                        + "; ".join(f"{_NOT_HERE[k]} instead of {k}" for k in refused))
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta={meta!r}: expected a dict of JSON data (e.g. the model's path) or None")
+    return {"n": n, "batch_size": batch_size, "sample_shape": list(sample_shape), "seed": seed, "sde": repr(sde),
+            "sample": {k: _recordable(k, v) for k, v in sorted(sample_kwargs.items()) if k not in _NOT_RECORDED},
+            "meta": meta}
+
+
+def _read_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("args"), dict):
+        raise CheckpointError(f"{path}: not a {FORMAT} manifest")
+    if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
+        raise CheckpointError(f"{path}: format version {manifest.get('version')!r}; this scoresde reads "
+                              f"version {VERSION} or older: upgrade scoresde")
+    return manifest
+
+
+def _chunks_on_disk(out: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in out.iterdir() if (m := _CHUNK.fullmatch(p.name)))
+
+
+def _open_run(out: Path, args: dict):
+    """Check `out` against this run's arguments, or start it: write the manifest, clear leftovers."""
+    manifest = _read_manifest(out)
+    finished = _chunks_on_disk(out)
+    if manifest is None and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise ValueError(f"out_dir={str(out)!r} is not empty and holds no {MANIFEST}: not a sample_to_disk "
+                         "folder; choose a new or empty folder")
+    if manifest is not None and finished:
+        differences = config_differences(manifest["args"], args)
+        if differences:
+            raise CheckpointError(f"{out / MANIFEST}: {len(finished)} chunk(s) were drawn with other arguments "
+                                  "('saved': theirs, 'expected': this call's; delete the folder or choose "
+                                  "another to start afresh):\n  " + "\n  ".join(differences))
+    elif manifest is None or manifest["args"] != args:  # nothing drawn yet: (re)start with these arguments
+        body = {"format": FORMAT, "version": VERSION, "args": args}
+        write_atomic(out / MANIFEST, json.dumps(body, indent=1, allow_nan=False).encode())
+    for entry in out.iterdir():
+        if _LEFTOVER.fullmatch(entry.name):
+            entry.unlink(missing_ok=True)
+
+
+def _write_chunk(path: Path, x: torch.Tensor):
+    x = x.detach().to("cpu")
+    if x.dtype == torch.bfloat16:  # numpy has no bfloat16
+        x = x.float()
+    buffer = io.BytesIO()
+    np.save(buffer, x.numpy(), allow_pickle=False)
+    write_atomic(path, buffer.getvalue())
+
+
+def sample_to_disk(model, sde, n: int, out_dir, *, sample_shape, batch_size: int = 1000, seed: int = 0,
+                   transform=None, meta: dict | None = None, progress: bool = True, **sample_kwargs) -> ChunkedRun:
+    """Draw `n` samples in chunks of at most `batch_size`, writing each chunk to `out_dir` as it finishes.
+
+    sample_shape: one sample's shape. seed: sample i uses a generator seeded with
+        `sample_seed(seed, i)` (see the module docstring for when the chunking cannot matter).
+    transform: applied to each chunk before it is written (e.g. `Pretrained.to_data_units`);
+        not recorded, say so in `meta`. meta: JSON data recorded and compared on reruns.
+    **sample_kwargs: passed to `sd.sample` (solver, steps, grid, t_end, dtype, device, solver options).
+    A rerun with the same arguments draws only the chunks missing on disk. A NaN or inf from the model
+    stops the run with the chunk, step and t; the chunks before it stay on disk.
+    """
+    out = _as_path("out_dir", out_dir)
+    n, batch_size, seed = _check_int("n", n, 1), _check_int("batch_size", batch_size, 1), _check_int("seed", seed, 0)
+    sample_shape = _check_sample_shape(sample_shape)
+    if transform is not None and not callable(transform):
+        raise TypeError(f"transform={transform!r}: expected a callable chunk -> chunk, or None")
+    args = _run_args(sde, n, sample_shape, batch_size, seed, meta, sample_kwargs)
+    out.mkdir(parents=True, exist_ok=True)
+    _open_run(out, args)
+
+    count = math.ceil(n / batch_size)
+    done = set(_chunks_on_disk(out))
+    todo = [k for k in range(count) if k not in done]
+    bar = tqdm(total=n, initial=n - sum(min(batch_size, n - k * batch_size) for k in todo), unit="sample",
+               disable=not progress, dynamic_ncols=True)
+    with torch.no_grad():
+        for k in todo:
+            first, last = k * batch_size, min(n, (k + 1) * batch_size)
+            generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(first, last)]
+            try:
+                x = sample(model, sde, shape=(last - first, *sample_shape), generator=generators, **sample_kwargs)
+            except FloatingPointError as e:
+                raise FloatingPointError(f"chunk {k} (samples {first}..{last - 1}): {e}; the {k} chunk(s) "
+                                         f"before it are in {out}") from None
+            if transform is not None:
+                x = transform(x)
+                if tuple(x.shape) != (last - first, *sample_shape):
+                    raise ValueError(f"transform: changed the chunk's shape to {tuple(x.shape)}; it must keep "
+                                     f"{(last - first, *sample_shape)}")
+            _write_chunk(out / chunk_name(k), x)
+            bar.update(last - first)
+    bar.close()
+    return ChunkedRun(out, n, count, len(todo), count - len(todo))
+
+
+def load_samples(out_dir, *, partial: bool = False) -> torch.Tensor:
+    """The samples `sample_to_disk` wrote to `out_dir`, in order, as one tensor.
+
+    partial: return the finished leading chunks of an unfinished run instead of raising.
+    Raises `CheckpointError` naming the file for a missing, unreadable or misshapen chunk.
+    """
+    out = _as_path("out_dir", out_dir)
+    manifest = _read_manifest(out) if out.is_dir() else None
+    if manifest is None:
+        raise CheckpointError(f"{out}: no {MANIFEST}: not a folder written by sample_to_disk")
+    args = manifest["args"]
+    n, batch_size, shape = args["n"], args["batch_size"], tuple(args["sample_shape"])
+    chunks = []
+    for k in range(math.ceil(n / batch_size)):
+        path = out / chunk_name(k)
+        if not path.is_file():
+            if partial:
+                break
+            raise CheckpointError(f"{path}: missing: the run is unfinished (rerun sample_to_disk with the same "
+                                  "arguments, or load_samples(..., partial=True))")
+        expected = (min(batch_size, n - k * batch_size), *shape)
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise CheckpointError(f"{path}: not a readable .npy file ({e})") from None
+        if x.shape != expected or (chunks and x.dtype != chunks[0].dtype):
+            raise CheckpointError(f"{path}: holds {x.dtype} samples of shape {x.shape}, expected shape {expected}"
+                                  + (f" and dtype {chunks[0].dtype}, as in the chunks before it" if chunks else ""))
+        chunks.append(x)
+    if not chunks:
+        return torch.empty((0, *shape))
+    return torch.from_numpy(np.concatenate(chunks))

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ._util import F64, as_time
+from ._util import F64, as_time, check_tensor
 from .sde import VPSDE
 
 
@@ -41,6 +41,9 @@ class GaussianMixture:
 
     def _components(self, x, t):
         """Flattened float64 x, per-component offsets x - alpha mu_k and variances v_k."""
+        if tuple(check_tensor("x", x).shape[1:]) != self.event_shape:
+            raise ValueError(f"x: expected shape (batch, {', '.join(map(str, self.event_shape))}) for this "
+                             f"mixture, got {tuple(x.shape)}")
         x = x.to(F64).flatten(1)
         t = as_time(t, device=x.device).reshape(-1, 1)
         alpha, sigma = self.sde.alpha(t), self.sde.sigma(t)  # (B or 1, 1)

@@ -1,13 +1,15 @@
-"""The `scoresde` command: sample, train, likelihood, presets, export."""
+"""The `scoresde` command: sample, train, likelihood, bench, presets, export."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
 from . import GRIDS, SOLVERS, VPSDE, GaussianMixture, sample
+from ._util import device_argument, seed_argument
 
 
 def _positive_int(text: str) -> int:
@@ -36,9 +38,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="steps of a fixed-step solver (default: about 50 model calls)")
     s.add_argument("--grid", default=None, choices=sorted(GRIDS), help="time grid (default: the solver's)")
     s.add_argument("--n", type=_positive_int, default=None, help="number of samples (default: 64; 4000 for mixture)")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    s.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    s.add_argument("--out", default="samples.png", help="output: .png (a picture) or .npy (default: samples.png)")
+    s.add_argument("--seed", type=seed_argument, default=0, help="random seed (default: 0)")
+    s.add_argument("--device", default="cpu", type=device_argument, help="torch device (default: cpu)")
+    s.add_argument("--out", default="samples.png",
+                   help="output: .png (a picture), .npy, or a folder (a name ending in '/', or an existing "
+                        "folder): the samples in .npy chunks of --batch-size, each written when finished; "
+                        "rerun to finish an interrupted run (default: samples.png)")
+    s.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="samples per chunk, with a folder --out (default: 1000); sample i is seeded from "
+                        "(seed, i), so the samples do not depend on it")
 
     t = commands.add_parser("train", help="train a network", description="Train a network with the denoising "
                             "objective. Run under torchrun for many processes (DistributedDataParallel).")
@@ -47,11 +55,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="overrides, e.g. steps=2000 lr=1e-3 data=/path model.base_channels=32")
     t.add_argument("--out", default=None, help="run folder (default: the preset's)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    t.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    t.add_argument("--device", default=None, type=device_argument,
+                   help="torch device (default: cuda if available, else cpu)")
 
     commands.add_parser("presets", help="list the network and training presets, with parameter counts")
     commands.add_parser("likelihood", add_help=False,
                         help="bits/dim of the digits under a model (scoresde likelihood -h)")
+    commands.add_parser("bench", add_help=False,
+                        help="run the benchmark suite: quality per NFE, sampling speed, training (scoresde bench -h)")
 
     e = commands.add_parser("export", help="write a checkpoint's EMA weights and config for shipping",
                             description="Write CHECKPOINT's EMA weights as OUT/model.safetensors with "
@@ -67,6 +78,8 @@ def _sample_mixture(args) -> int:
     sde = VPSDE.linear()
     mixture = GaussianMixture.ring2d(sde)
     n = args.n or 4000
+    if _to_folder(args):
+        return _sample_chunks(mixture, sde, (2,), n, args, meta={"model": "mixture"})
     x, info, wall = _timed_sample(mixture, sde, (n, 2), args)
     report = mixture.mode_report(x)
     weight_error = (report["weights"] - mixture.weights).abs().max().item()
@@ -83,6 +96,10 @@ def _sample_model(args) -> int:
 
     model = load_model(args.model, device=args.device)
     n = args.n or 64
+    if _to_folder(args):
+        return _sample_chunks(model.denoiser, model.sde, model.sample_shape, n, args,
+                              transform=lambda x: model.to_data_units(x.cpu()),
+                              meta={"model": str(model.path), "units": "data"})
     x, info, wall = _timed_sample(model.denoiser, model.sde, (n, *model.sample_shape), args)
     data = model.to_data_units(x.cpu())
     title = f"{info.solver}, NFE={info.nfe}"
@@ -95,8 +112,32 @@ def _sample_model(args) -> int:
     return 0
 
 
+def _solver_options(args) -> dict:
+    return {} if SOLVERS[args.solver].adaptive else {"steps": args.steps, "grid": args.grid}
+
+
+def _to_folder(args) -> bool:
+    """Whether --out names a folder of chunks; --batch-size only goes with one."""
+    folder = args.out.endswith(("/", os.sep)) or os.path.isdir(args.out)
+    if args.batch_size is not None and not folder:
+        raise ValueError(f"--batch-size goes with a folder --out (a name ending in '/'), not {args.out!r}")
+    return folder
+
+
+def _sample_chunks(model, sde, sample_shape, n, args, **kwargs) -> int:
+    from .chunked import sample_to_disk
+
+    start = time.perf_counter()
+    run = sample_to_disk(model, sde, n, args.out, sample_shape=sample_shape, batch_size=args.batch_size or 1000,
+                         seed=args.seed, solver=args.solver, device=args.device, progress=sys.stderr.isatty(),
+                         **_solver_options(args), **kwargs)
+    print(f"wrote {n} samples in {run.chunks} chunk(s) to {run.out_dir} (drew {run.drawn}, found {run.skipped} "
+          f"finished) wall={time.perf_counter() - start:.3f}s; read them with scoresde.load_samples")
+    return 0
+
+
 def _timed_sample(model, sde, shape, args):
-    options = {} if SOLVERS[args.solver].adaptive else {"steps": args.steps, "grid": args.grid}
+    options = _solver_options(args)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     with torch.no_grad():
@@ -162,6 +203,10 @@ def main(argv=None) -> int:
         from .likelihood import cli_main
 
         return cli_main(argv[1:])
+    if argv[:1] == ["bench"]:  # so does the benchmark suite's
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "sample":
@@ -171,8 +216,8 @@ def main(argv=None) -> int:
         if args.command == "presets":
             return _presets(args)
         return _export(args)
-    except (ValueError, FileNotFoundError) as err:
-        # Bad input gets its message, not a traceback.
+    except (ValueError, TypeError, OSError, FloatingPointError) as err:
+        # Bad input (and a full disk, a NaN model) gets its message, not a traceback.
         print(f"scoresde {args.command}: error: {err}", file=sys.stderr)
         return 2
 

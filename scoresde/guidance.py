@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Callable
 
 import torch
@@ -21,6 +22,9 @@ from .sde import VPSDE
 
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "Inpaint", "X0Correction",
            "dynamic_threshold", "static_threshold", "inpaint_result"]
+
+
+_INT64_MAX = 2**63 - 1  # labels are int64 tensors
 
 
 # ---- shared checks and helpers ----------------------------------------------------------------
@@ -39,7 +43,7 @@ def _eps_model(model, sde) -> Denoiser:
 def _check_scale(name, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={value!r}: expected a finite number >= 0")
-    if not (math.isfinite(value) and value >= 0):
+    if not 0 <= value <= sys.float_info.max:  # not math.isfinite: huge ints overflow it
         raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
     return float(value)
 
@@ -60,8 +64,8 @@ def _check_labels(name, value, num_classes, null=None):
         bad_null = null is not None and labels == null
     else:
         raise TypeError(f"{name}={value!r}: expected an int or a (batch,) integer tensor of labels")
-    allowed = f"[0, {num_classes})" if num_classes is not None else "labels >= 0"
-    if lo < 0 or (num_classes is not None and hi >= num_classes):
+    allowed = f"[0, {num_classes})" if num_classes is not None else f"labels in [0, {_INT64_MAX}]"
+    if lo < 0 or hi > _INT64_MAX or (num_classes is not None and hi >= num_classes):
         shown = value if not isinstance(value, torch.Tensor) else f"tensor with labels in [{lo}, {hi}]"
         raise ValueError(f"{name}={shown}: out of range; expected {allowed}")
     if bad_null:
@@ -133,15 +137,15 @@ class ClassifierFreeGuidance:
         if num_classes is None:
             num_classes = getattr(net, "num_classes", None)
         if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
-                                        or num_classes < 1):
-            raise ValueError(f"num_classes={num_classes!r}: expected an int >= 1 or None")
+                                        or not 1 <= num_classes <= _INT64_MAX):
+            raise ValueError(f"num_classes={num_classes!r}: expected an int in [1, {_INT64_MAX}] or None")
         if null is None:
             if num_classes is None:
                 raise ValueError("null=None: give the null label (null=...) or num_classes= (null = num_classes)")
             null = num_classes
-        if isinstance(null, bool) or not isinstance(null, numbers.Integral) or null < 0:
-            raise ValueError(f"null={null!r}: expected the null label, an int >= 0")
-        if prediction not in PREDICTIONS:
+        if isinstance(null, bool) or not isinstance(null, numbers.Integral) or not 0 <= null <= _INT64_MAX:
+            raise ValueError(f"null={null!r}: expected the null label, an int in [0, {_INT64_MAX}]")
+        if not isinstance(prediction, str) or prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r}: expected one of {PREDICTIONS}")
         self.scale = _check_scale("scale", scale)
         labels, _ = _check_labels("cond", cond, num_classes, int(null))
@@ -160,7 +164,7 @@ class ClassifierFreeGuidance:
         t = _batch_time(t, x)
         net = Denoiser(lambda xx, time: self.net(xx, time, y), self.sde, **self._options)
         eps_cond, eps_null = net.eps(torch.cat([x, x]), torch.cat([t, t])).split(batch)
-        return torch.lerp(eps_null, eps_cond, self.scale)
+        return eps_null + self.scale * (eps_cond - eps_null)  # = lerp; huge scales overflow to inf, no error
 
 
 # ---- classifier guidance ------------------------------------------------------------------------
@@ -199,6 +203,9 @@ class ClassifierGuidance:
             if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
                 got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                 raise ValueError(f"classifier returned {got}; expected logits of shape ({x.shape[0]}, classes)")
+            if not logits.requires_grad or not logits.is_floating_point():
+                raise ValueError("classifier: its logits must be floating and depend on x through autograd (no "
+                                 "torch.no_grad or .detach() inside it): guidance is their gradient in x")
             if self._max_label >= logits.shape[1]:
                 raise ValueError(f"target: label {self._max_label} is out of range for a classifier "
                                  f"of {logits.shape[1]} classes")
@@ -253,6 +260,9 @@ class Inpaint:
         if not isinstance(mask, torch.Tensor) or mask.is_complex():
             raise TypeError(f"mask: expected a bool (or 0/1) tensor broadcastable to {tuple(known.shape)}, "
                             f"got {type(mask).__name__}")
+        for name, value in (("known", known), ("mask", mask)):
+            if value.device.type == "meta":
+                raise ValueError(f"{name}: a meta tensor holds no values to inpaint with")
         try:
             shape = torch.broadcast_shapes(mask.shape, known.shape)
         except RuntimeError:
@@ -332,7 +342,7 @@ class X0Correction:
 
 
 def _check_finite(name, value, lo=-math.inf, hi=math.inf, lo_open=False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) <= sys.float_info.max \
             or value < lo or value > hi or (lo_open and value == lo):
         raise ValueError(f"{name}={value!r}: expected a finite number in {'(' if lo_open else '['}{lo}, {hi}]")
     return float(value)

@@ -48,10 +48,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ._util import F64, host_floats
-from .prediction import Denoiser
+from ._util import F64, check_count, check_flag, device_argument, host_floats, seed_argument
+from .prediction import Denoiser, declared_sample_shape
 from .sde import VPSDE
-from .solvers.ode import EULER, HEUN, RK4
+from .solvers.ode import EULER, HEUN, RK4, check_tolerances
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBE_KINDS = ("rademacher", "gaussian")
@@ -125,23 +125,9 @@ def dequantize(k: torch.Tensor, levels: int = 256, generator=None, dtype=torch.f
 
 # ---- validation --------------------------------------------------------------------------------
 def _choice(name, value, allowed):
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name}={value!r}: expected one of {', '.join(map(repr, allowed))}")
     return value
-
-
-def _expected_sample_shape(model):
-    """The per-sample shape a model declares, if it declares one (mixtures, our UNet and MLP)."""
-    for obj in (model, getattr(model, "net", None)):
-        for attr in ("sample_shape", "event_shape"):
-            shape = getattr(obj, attr, None)
-            if isinstance(shape, (tuple, list, torch.Size)):
-                return tuple(shape)
-        if isinstance(getattr(obj, "in_channels", None), int) and isinstance(getattr(obj, "image_size", None), int):
-            return (obj.in_channels, obj.image_size, obj.image_size)
-        if isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "dim", None), int):
-            return (obj.dim,)
-    return None
 
 
 def _check_x(x, model, levels):
@@ -152,7 +138,7 @@ def _check_x(x, model, levels):
                            and not x.is_floating_point() else ""))
     if x.shape[0] < 1 or x[0].numel() < 1:
         raise ValueError(f"x: expected a non-empty batch, got shape {tuple(x.shape)}")
-    want = _expected_sample_shape(model)
+    want = declared_sample_shape(model)
     if want is not None and tuple(x.shape[1:]) != want:
         raise ValueError(f"x: expected shape (batch, {', '.join(map(str, want))}) for this model, got {tuple(x.shape)}")
     if x.device.type == "meta":
@@ -165,12 +151,6 @@ def _check_x(x, model, levels):
         if lo < -1 - half or hi > 1 + half:
             raise ValueError(f"x: dequantized data with levels={levels} must lie in [{-1 - half:.6g}, {1 + half:.6g}] "
                              f"(model units, see dequantize), found [{lo:.6g}, {hi:.6g}]")
-
-
-def _check_positive_float(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
-        raise ValueError(f"{name}={value!r}: expected a positive finite float")
-    return float(value)
 
 
 def _check_t_eps(sde, t_eps):
@@ -266,7 +246,10 @@ def _adaptive(velocity, sde, y, ell, lam0, lam1, rtol, atol):
     from torchdiffeq import odeint
 
     def func(lam, state):
-        t = sde.t_from_log_snr(lam.detach().to("cpu", F64))  # sync: adaptive stepping is host-driven
+        # Clamped to the span: torchdiffeq probes its first step size past the end, and beyond T the
+        # schedule may end (the cosine's alpha reaches 0 just after its T).
+        lam = lam.detach().to("cpu", F64).clamp(lam1, lam0)  # sync: adaptive stepping is host-driven
+        t = sde.t_from_log_snr(lam)
         alpha, sigma = sde.alpha_sigma(t)
         out = velocity(state[0], float(t), float(alpha), float(sigma))
         if not bool(torch.isfinite(velocity.sums[-1])):  # sync: a NaN would otherwise stall the step control
@@ -274,7 +257,9 @@ def _adaptive(velocity, sde, y, ell, lam0, lam1, rtol, atol):
         return out
 
     span = torch.tensor([lam0, lam1], dtype=F64, device=y.device)
-    y_path, ell_path = odeint(func, (y, ell), span, rtol=rtol, atol=atol, method="dopri5")
+    # step_t: the last step lands on lambda(T) instead of stepping past it and interpolating back.
+    y_path, ell_path = odeint(func, (y, ell), span, rtol=rtol, atol=atol, method="dopri5",
+                              options=dict(step_t=span[1:]))
     return y_path[-1], ell_path[-1]
 
 
@@ -307,21 +292,20 @@ def log_likelihood(model, sde: VPSDE, x: torch.Tensor, *, t_eps: float | None = 
     _choice("divergence", divergence, DIVERGENCES)
     _choice("probe", probe, PROBE_KINDS)
     _choice("solver", solver, SOLVERS)
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes={probes!r}: expected an int >= 1")
+    check_count("probes", probes)
+    check_flag("return_stats", return_stats)
     if levels is not None:
         _check_levels(levels)
     if solver == "dopri5":
         if steps is not None:
             raise ValueError(f"steps={steps!r}: solver 'dopri5' is adaptive (rtol, atol); steps are for "
                              f"{', '.join(FIXED_STEP)}")
-        rtol, atol = _check_positive_float("rtol", rtol), _check_positive_float("atol", atol)
+        rtol, atol = check_tolerances(rtol, atol)
     else:
         tableau = FIXED_STEP[solver]
         if steps is None:
             steps = max(1, DEFAULT_NFE // len(tableau[1]))
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps={steps!r}: expected an int >= 1")
+        check_count("steps", steps)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator={generator!r}: expected a torch.Generator or None")
     t_eps = _check_t_eps(sde, t_eps)
@@ -392,8 +376,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image (default: 1)")
     p.add_argument("--solver", default="dopri5", choices=SOLVERS, help="ODE solver (default: dopri5)")
     p.add_argument("--steps", type=int, default=None, help="steps of a fixed-step solver (default: ~200 model calls)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset, the dequantization and the probes")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--seed", type=seed_argument, default=0,
+                   help="seed of the subset, the dequantization and the probes")
+    p.add_argument("--device", default="cpu", type=device_argument, help="torch device (default: cpu)")
     return p
 
 
@@ -402,7 +387,7 @@ def cli_main(args_list=None) -> int:
     args = _parser().parse_args(args_list)
     try:
         return _run_cli(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError, FloatingPointError) as err:  # bad input: its message, no traceback
         print(f"scoresde likelihood: error: {err}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from ._util import F64, as_time, per_sample
+from ._util import F64, MAX_CHAIN, as_time, check_batch_time, check_count, check_tensor, per_sample
 from .sde import VPSDE
 
 PREDICTIONS = ("eps", "x0", "v", "score")
@@ -64,6 +64,20 @@ def from_eps(prediction: str, eps, x, alpha, sigma):
     return eps_to_score(eps, sigma)
 
 
+def declared_sample_shape(model) -> tuple | None:
+    """The per-sample shape a model declares, if it declares one (mixtures, our UNet and MLP)."""
+    for obj in (model, getattr(model, "net", None)):
+        for attr in ("sample_shape", "event_shape"):
+            shape = getattr(obj, attr, None)
+            if isinstance(shape, (tuple, list, torch.Size)):
+                return tuple(shape)
+        if isinstance(getattr(obj, "in_channels", None), int) and isinstance(getattr(obj, "image_size", None), int):
+            return (obj.in_channels, obj.image_size, obj.image_size)
+        if isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "dim", None), int):
+            return (obj.dim,)
+    return None
+
+
 # ---- the wrapper ------------------------------------------------------------------------------
 class Denoiser:
     """Wraps any network as an eps-model on continuous time t in [0, 1].
@@ -83,13 +97,12 @@ class Denoiser:
             raise TypeError(f"net={net!r}: expected a callable network net(x, time)")
         if not isinstance(sde, VPSDE):
             raise TypeError(f"sde={sde!r}: expected a scoresde.VPSDE")
-        if prediction not in PREDICTIONS:
+        if not isinstance(prediction, str) or prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r}: expected one of {PREDICTIONS}")
-        if not callable(time_input) and time_input not in TIME_INPUTS:
+        if not callable(time_input) and (not isinstance(time_input, str) or time_input not in TIME_INPUTS):
             raise ValueError(f"time_input={time_input!r}: expected one of {TIME_INPUTS} or a callable")
-        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int)
-                                      or num_steps < 1):
-            raise ValueError(f"num_steps={num_steps!r}: expected an int >= 1 or None")
+        if num_steps is not None:
+            check_count("num_steps", num_steps, maximum=MAX_CHAIN)
         if time_input == "index" and num_steps is None and sde.num_steps is None:
             raise ValueError("time_input='index' needs num_steps=N (the network's training chain length) "
                              "for a continuous sde")
@@ -123,15 +136,18 @@ class Denoiser:
         return per_sample(alpha, x), per_sample(sigma, x)
 
     def _raw(self, x, t):
+        check_batch_time(t, check_tensor("x", x))
         out = self.net(x, self._net_time(t, x))
         if not isinstance(out, torch.Tensor):
             out = getattr(out, "sample", out)  # diffusers returns a UNet2DOutput
         if not isinstance(out, torch.Tensor):
-            raise TypeError(f"the network returned {type(out).__name__}, expected a tensor")
+            raise TypeError(f"net (the model) returned {type(out).__name__}, expected a tensor")
         return out
 
     def predict(self, kind: str, x, t):
         """The model's prediction of `kind` ("eps", "x0", "v", "score") at (x, t)."""
+        if not isinstance(kind, str) or kind not in PREDICTIONS:
+            raise ValueError(f"kind={kind!r}: expected one of {PREDICTIONS}")
         out = self._raw(x, t)
         if kind == self.prediction:
             return out

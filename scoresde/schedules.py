@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ._util import F64, as_time
+from ._util import F64, as_time, check_number
 
 
 class Schedule:
@@ -50,12 +50,9 @@ class LinearSchedule(Schedule):
     """beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021, VP-SDE)."""
 
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
-        for name, value in (("beta_min", beta_min), ("beta_max", beta_max)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name}={value!r}: expected a finite number")
-        if beta_min < 0:
-            raise ValueError(f"beta_min={beta_min!r}: must be >= 0")
-        if beta_max <= 0 or beta_max < beta_min:
+        check_number("beta_min", beta_min, low=0.0)
+        check_number("beta_max", beta_max, low=0.0, low_open=True)
+        if beta_max < beta_min:
             raise ValueError(f"beta_max={beta_max!r}: must be > 0 and >= beta_min={beta_min!r}")
         self.beta_min, self.beta_max = float(beta_min), float(beta_max)
 
@@ -94,10 +91,8 @@ class CosineSchedule(Schedule):
     """
 
     def __init__(self, s: float = 0.008, t_max: float = 0.9946):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
-            raise ValueError(f"s={s!r}: the cosine offset must be a finite number >= 0")
-        if isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not 0 < t_max < 1:
-            raise ValueError(f"t_max={t_max!r}: must lie in (0, 1); alpha(1) = 0 for the cosine schedule")
+        check_number("s", s, low=0.0)  # the offset
+        check_number("t_max", t_max, low=0.0, high=1.0, low_open=True, high_open=True)  # alpha(1) = 0
         self.s, self.t_max = float(s), float(t_max)
         self._a0 = self.s / (1 + self.s) * math.pi / 2  # the angle at t = 0
         self._rate = math.pi / (2 * (1 + self.s))  # d angle / dt
@@ -140,7 +135,15 @@ class DiscreteSchedule(Schedule):
     """
 
     def __init__(self, betas):
-        betas = torch.as_tensor(betas, dtype=F64).detach().cpu()
+        if isinstance(betas, torch.Tensor) and (betas.device.type == "meta" or betas.is_complex()):
+            raise TypeError(f"betas: expected real values to read, got a {betas.dtype} tensor on {betas.device}")
+        if isinstance(betas, (str, bytes)):
+            raise TypeError(f"betas={betas!r}: expected a 1-D sequence or tensor of numbers in (0, 1)")
+        try:
+            betas = torch.as_tensor(betas, dtype=F64).detach().cpu()
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise TypeError(f"betas={betas!r}: expected a 1-D sequence or tensor of numbers in (0, 1) "
+                            f"({err})") from None
         if betas.ndim != 1 or betas.numel() == 0:
             raise ValueError(f"betas: expected a non-empty 1-D sequence, got shape {tuple(betas.shape)}")
         bad = ~((betas > 0) & (betas < 1))
@@ -169,7 +172,8 @@ class DiscreteSchedule(Schedule):
         # times comes from the step that ends there, not from the next one.
         near = torch.round(pos)
         snapped = torch.where((pos - near).abs() <= 4 * torch.finfo(F64).eps * near, near, pos)
-        seg = (torch.ceil(snapped) - 1).clamp(0, self.num_steps - 1).long()
+        # nan_to_num: a NaN time must not become an int64 index (it stays NaN through pos).
+        seg = (torch.ceil(snapped) - 1).nan_to_num(0.0).clamp(0, self.num_steps - 1).long()
         return seg, pos
 
     def log_alpha(self, t):

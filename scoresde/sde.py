@@ -6,19 +6,30 @@ matches the chain's alpha_bar at t = n/N. All schedule math is float64; t broadc
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from ._util import F64, as_time, per_sample
+from ._util import (F64, MAX_CHAIN, as_time, check_batch_time, check_count, check_device, check_shape, check_tensor,
+                    per_sample)
 from .schedules import CosineSchedule, DiscreteSchedule, LinearSchedule, Schedule
 
 
-def _check_steps_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r}: expected an int >= 1")
-    if value < 1:
-        raise ValueError(f"{name}={value!r}: expected an int >= 1")
+def _check_index_time(name: str, value):
+    """A time or a step index for the index <-> t mapping: a real number or a tensor (kept as given)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name}={value!r}: expected a number or a tensor")
+    if isinstance(value, numbers.Integral) and abs(value) > sys.float_info.max:  # int / int would overflow
+        raise ValueError(f"{name}={value!r}: beyond the float range")
+    return value
+
+
+def _check_like(name: str, value, x: torch.Tensor):
+    """A floating tensor of the (already checked) state x's shape."""
+    if check_tensor(name, value).shape != x.shape:
+        raise ValueError(f"{name}: shape {tuple(value.shape)} differs from the state's {tuple(x.shape)}")
     return value
 
 
@@ -66,16 +77,17 @@ class VPSDE:
     # ---- the DDPM index <-> t mapping (the only place it lives) ---------------------------
     def t_to_index(self, t, N: int | None = None):
         """Step n (1..N, possibly fractional) of the chain at time t: n = t N."""
-        return t * self._chain_length(N)
+        return _check_index_time("t", t) * self._chain_length(N)
 
     def index_to_t(self, n, N: int | None = None):
-        return n / self._chain_length(N)
+        return _check_index_time("n", n) / self._chain_length(N)
 
     def _chain_length(self, N):
-        N = N if N is not None else self.num_steps
         if N is None:
-            raise ValueError("N=None: a continuous schedule needs the chain length N for index time")
-        return N
+            N = self.num_steps
+            if N is None:
+                raise ValueError("N=None: a continuous schedule needs the chain length N for index time")
+        return check_count("N", N, maximum=MAX_CHAIN)
 
     # ---- marginal ----------------------------------------------------------------------------
     def log_alpha(self, t) -> torch.Tensor:
@@ -99,7 +111,7 @@ class VPSDE:
 
     def t_from_log_snr(self, lam) -> torch.Tensor:
         """Inverse of `log_snr`: alpha^2 = sigmoid(2 lambda), so log alpha = -softplus(-2 lambda)/2."""
-        lam = as_time(lam)
+        lam = as_time(lam, name="lam")
         return self.schedule.t_from_log_alpha(-0.5 * F.softplus(-2.0 * lam, threshold=40.0))
 
     def beta(self, t) -> torch.Tensor:
@@ -108,10 +120,13 @@ class VPSDE:
 
     def marginal(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
         """x_t = alpha_t x0 + sigma_t noise, with t a float or a (batch,) tensor."""
+        check_batch_time(t, check_tensor("x0", x0))
+        _check_like("noise", noise, x0)
         return per_sample(self.alpha(t), x0) * x0 + per_sample(self.sigma(t), x0) * noise
 
     # ---- the SDE ------------------------------------------------------------------------------
     def drift(self, x: torch.Tensor, t) -> torch.Tensor:
+        check_batch_time(t, check_tensor("x", x))
         return -0.5 * per_sample(self.beta(t), x) * x
 
     def diffusion(self, t) -> torch.Tensor:
@@ -119,26 +134,34 @@ class VPSDE:
 
     def reverse_drift(self, x: torch.Tensor, t, score: torch.Tensor) -> torch.Tensor:
         """f - g^2 score, the drift of the reverse-time SDE (in dt, run backwards)."""
+        _check_like("score", score, check_tensor("x", x))
         return self.drift(x, t) - per_sample(self.beta(t), x) * score
 
     def pf_drift(self, x: torch.Tensor, t, score: torch.Tensor) -> torch.Tensor:
         """f - g^2 score / 2, the probability-flow ODE's velocity dx/dt."""
+        _check_like("score", score, check_tensor("x", x))
         return self.drift(x, t) - 0.5 * per_sample(self.beta(t), x) * score
 
     # ---- prior -----------------------------------------------------------------------------------
     def prior_sample(self, shape, *, generator=None, dtype=None, device=None) -> torch.Tensor:
+        shape = check_shape("shape", shape)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator={generator!r}: expected a torch.Generator or None")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype={dtype!r}: expected a floating torch.dtype")
+        device = check_device("device", device) if device is not None else None
         return torch.randn(shape, generator=generator, dtype=dtype, device=device)
 
     def prior_logp(self, x: torch.Tensor) -> torch.Tensor:
         """log N(x; 0, I) per sample."""
-        d = x[0].numel()
-        return -0.5 * x.flatten(1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
+        d = math.prod(check_tensor("x", x).shape[1:])  # not x[0]: the batch may be empty
+        return -0.5 * x.reshape(len(x), d).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi)
 
     # ---- the discrete chain -------------------------------------------------------------------
     def discretize(self, N: int) -> torch.Tensor:
         """DDPM betas (float64) of an N-step chain: Song et al.'s for the linear schedule,
         alpha_bar-matching otherwise; `from_betas(sde.discretize(N))` reproduces a chain's betas."""
-        return self.schedule.discretize(_check_steps_count("N", N))
+        return self.schedule.discretize(check_count("N", N))
 
 
 __all__ = ["VPSDE", "F64"]

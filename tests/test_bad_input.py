@@ -290,13 +290,15 @@ def test_model_output_of_the_wrong_shape(solver, wrong):
 @pytest.mark.parametrize("solver", SOLVER_NAMES)
 def test_nan_from_the_model_names_the_step_and_time(solver):
     """A model that returns NaN only below t = 0.5: the error names the step in progress at the
-    first such call (0-based, like the callback's i) and that call's time."""
+    first such call (0-based, like the callback's i) and that call's time (adaptive_sde, which steps
+    each sample on its own: the time of the first sample below 0.5)."""
     sde = sd.VPSDE.linear()
     mix = sd.GaussianMixture.ring2d(sde)
     completed, calls = [0], []
 
     def model(x, t):
-        calls.append((completed[0], float(t[0])))
+        below = t < 0.5
+        calls.append((completed[0], float(t[below][0] if below.any() else t[0])))
         eps = mix(x, t)
         return torch.where(t[:, None] < 0.5, torch.full_like(eps, float("nan")), eps)
 

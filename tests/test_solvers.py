@@ -19,8 +19,7 @@ STOCHASTIC = [n for n in SOLVER_NAMES if sd.SOLVERS[n].stochastic]
 # Options that make a stochastic solver actually draw noise (DDIM defaults to eta = 0).
 NOISY_OPTIONS = {"ddim": {"eta": 1.0}, "edm": {"s_churn": 10.0}}
 
-# The torchsde bridge steps on its own: it reports one callback at the end, takes uniform grids only,
-# and draws one Brownian interval for the whole batch.
+# The torchsde bridge steps on its own: it reports one callback at the end and takes uniform grids only.
 BRIDGE = "torchsde"
 
 
@@ -231,18 +230,6 @@ def small_mixture(sde):
 
 
 @pytest.mark.parametrize("solver", SOLVER_NAMES)
-def test_same_seed_same_samples(solver):
-    sde = sd.VPSDE.linear()
-    mix = small_mixture(sde)
-    opts = {**quick_kwargs(solver), **NOISY_OPTIONS.get(solver, {})}
-    a = sd.sample(mix, sde, shape=(6, 2), solver=solver, generator=torch.Generator().manual_seed(3), **opts)
-    b = sd.sample(mix, sde, shape=(6, 2), solver=solver, generator=torch.Generator().manual_seed(3), **opts)
-    assert torch.equal(a, b)
-    c = sd.sample(mix, sde, shape=(6, 2), solver=solver, generator=torch.Generator().manual_seed(4), **opts)
-    assert not torch.allclose(a, c)  # x_T differs
-
-
-@pytest.mark.parametrize("solver", SOLVER_NAMES)
 def test_only_stochastic_solvers_use_the_generator_after_x_T(solver):
     """From the same x_T, another seed changes a stochastic solver's samples and nothing else's."""
     sde = sd.VPSDE.linear()
@@ -264,25 +251,6 @@ def test_ddim_eta0_ignores_the_generator():
     a = sd.sample(mix, sde, x_T=x_T, solver="ddim", steps=6, generator=torch.Generator().manual_seed(1))
     b = sd.sample(mix, sde, x_T=x_T, solver="ddim", steps=6, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b)
-
-
-# pc sizes its Langevin steps from batch-mean norms (as score_sde does) and adaptive_sde takes one
-# step size for the batch: like the bridge, their samples depend on the batch they are drawn in.
-BATCH_COUPLED = (BRIDGE, "pc", "adaptive_sde")
-
-
-@pytest.mark.parametrize("solver", [s for s in STOCHASTIC + ["euler", "heun", "rk4"] if s not in BATCH_COUPLED])
-def test_per_sample_generators_make_samples_batch_independent(solver):
-    """With one generator per sample, a sample is the same whatever batch it is drawn in."""
-    sde = sd.VPSDE.linear()
-    mix = small_mixture(sde)
-    opts = {**quick_kwargs(solver), **NOISY_OPTIONS.get(solver, {})}
-    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
-    whole = sd.sample(mix, sde, shape=(6, 2), solver=solver, generator=gens(range(6)), **opts)
-    first = sd.sample(mix, sde, shape=(3, 2), solver=solver, generator=gens(range(3)), **opts)
-    second = sd.sample(mix, sde, shape=(3, 2), solver=solver, generator=gens(range(3, 6)), **opts)
-    assert torch.equal(torch.cat([first, second]), whole)
-    assert not torch.allclose(whole[:3], whole[3:])
 
 
 # ---- NFE accounting ---------------------------------------------------------------------------------------
@@ -364,14 +332,17 @@ def test_progress_bar_changes_nothing(solver, capsys):
 def test_float64_sampling_with_a_float32_model(solver):
     """A float32 network under float64 sampling: the state stays float64 and agrees with an
     all-float64 run up to float32 round-off (~1e-7) grown through the flow, or the adaptive
-    solvers' tolerance (1e-5): 1e-3 is a loose bound on both and far below an O(1) error."""
+    solvers' tolerance (1e-5): 1e-3 is a loose bound on both and far below an O(1) error.
+    adaptive_sde samples the 16-D mixture instead: in 2-D it rejects 30-45% of its attempts, so
+    round-off flips some decision, and the sample then follows its Brownian path through other
+    times (the draws are kept): an equally valid sample, not a nearby one. In 16-D rejections are rare."""
     sde = sd.VPSDE.linear()
-    ring = sd.GaussianMixture.ring2d(sde)
-    x_T = torch.randn(32, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
-    f32 = lambda x, t: ring(x.float(), t.float()).float()  # noqa: E731
+    data = sharp_mixture_16d(sde) if solver == "adaptive_sde" else sd.GaussianMixture.ring2d(sde)
+    x_T = torch.randn(32, data.dim, dtype=F64, generator=torch.Generator().manual_seed(0))
+    f32 = lambda x, t: data(x.float(), t.float()).float()  # noqa: E731
     kw = dict(x_T=x_T, solver=solver, **quick_kwargs(solver, steps=20))
     a = sd.sample(f32, sde, generator=torch.Generator().manual_seed(1), **kw)
-    b = sd.sample(ring, sde, generator=torch.Generator().manual_seed(1), **kw)
+    b = sd.sample(data, sde, generator=torch.Generator().manual_seed(1), **kw)
     assert a.dtype == F64
     torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
 
@@ -441,14 +412,10 @@ def test_grid_choice_matters_for_fixed_step_solvers_and_nfe_does_not_change():
         assert not torch.allclose(runs["uniform"][0], runs["log_snr"][0]), solver
 
 
-def test_torchsde_refuses_what_it_cannot_honour():
-    """The bridge steps uniformly and draws one Brownian interval for the batch: a non-uniform grid
-    or per-sample generators are refused by name, before any model call."""
+def test_torchsde_refuses_a_non_uniform_grid():
+    """The bridge steps uniformly: another grid is refused by name, before any model call."""
     sde = sd.VPSDE.linear()
     model = Counting(small_mixture(sde))
     with pytest.raises(ValueError, match="grid"):
         sd.sample(model, sde, shape=(4, 2), solver="torchsde", steps=6, grid="log_snr")
-    with pytest.raises(ValueError, match="generator"):
-        sd.sample(model, sde, shape=(4, 2), solver="torchsde", steps=6,
-                  generator=[torch.Generator().manual_seed(i) for i in range(4)])
     assert model.calls == 0

@@ -53,7 +53,7 @@ def build_network(config: Mapping) -> nn.Module:
         raise TypeError(f"config: expected a dict with an 'architecture' key, got {type(config).__name__}")
     kwargs = dict(config)
     arch = kwargs.pop("architecture", None)
-    if arch not in ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise ValueError(f"config['architecture']={arch!r}: expected one of {sorted(ARCHITECTURES)}")
     cls = ARCHITECTURES[arch]
     valid = _arguments(cls)
@@ -66,7 +66,7 @@ def build_network(config: Mapping) -> nn.Module:
 
 def from_preset(name: str, **overrides) -> nn.Module:
     """A fresh network from the preset `name` (see PRESETS), with some arguments overridden."""
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"preset={name!r} is unknown; known presets: {', '.join(PRESETS)}")
     config = copy.deepcopy(PRESETS[name])
     valid = _arguments(ARCHITECTURES[config["architecture"]])

@@ -48,7 +48,7 @@ def check_num_classes(value):
 
 
 def check_time_embedding(value) -> str:
-    if value not in TIME_EMBEDDINGS:
+    if not isinstance(value, str) or value not in TIME_EMBEDDINGS:
         raise ValueError(f"time_embedding={value!r}: expected one of {TIME_EMBEDDINGS}")
     return value
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .._util import F64
+from .._util import F64, check_count, check_device, check_flag, check_shape, check_tensor
 from ..grids import GRIDS
-from ..prediction import Denoiser, eps_to_x0
+from ..prediction import Denoiser, declared_sample_shape, eps_to_x0
 from ..sde import VPSDE
 from .base import SOLVERS, BrownianNoise, GaussianNoise, ModelRun, Solver, register
 from . import ancestral, ode, sde as _sde_solvers  # noqa: F401  (each registers its solvers)
@@ -45,13 +45,6 @@ def _check_options(spec: Solver, options: dict):
         raise TypeError(f"solver {spec.name!r} got unknown option(s) {', '.join(unknown)}; its options: {allowed}")
 
 
-def _check_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r}: expected an int >= 1")
-    if value < 1:
-        raise ValueError(f"{name}={value!r}: expected an int >= 1")
-
-
 def _check_t_end(sde: VPSDE, t_end):
     if t_end is None:
         return sde.t_min
@@ -65,6 +58,8 @@ def _check_t_end(sde: VPSDE, t_end):
 def _check_times(times, sde: VPSDE, what: str) -> torch.Tensor:
     if not isinstance(times, torch.Tensor) or times.ndim != 1 or times.numel() < 2:
         raise ValueError(f"{what}: expected a 1-D tensor of at least 2 times from T down to t_end")
+    if times.device.type == "meta" or times.is_complex():
+        raise ValueError(f"{what}: expected real times to read, got a {times.dtype} tensor on {times.device}")
     times = times.detach().to("cpu", F64)
     values = times.tolist()  # sync: none, a CPU grid checked before the loop
     if not all(a > b for a, b in zip(values, values[1:])):  # NaN fails every comparison
@@ -92,7 +87,7 @@ def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end):
         return torch.tensor([sde.T, t_end], dtype=F64)
     if steps is None:
         steps = max(1, DEFAULT_NFE // spec.nfe_per_step)
-    _check_int("steps", steps)
+    check_count("steps", steps)
     grid = spec.grid if grid is None else grid
     if isinstance(grid, str):
         if grid not in GRIDS:
@@ -106,26 +101,22 @@ def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end):
 def _initial_state(x_T, shape, dtype, device, noise):
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype={dtype!r}: expected a floating torch.dtype")
+    device = check_device("device", device) if device is not None else None
     if x_T is not None:
-        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point() or x_T.ndim < 1:
-            got = f"a {x_T.dtype} tensor of shape {tuple(x_T.shape)}" if isinstance(x_T, torch.Tensor) \
-                else type(x_T).__name__
-            raise TypeError(f"x_T: expected a floating tensor of shape (batch, ...), got {got}")
-        if shape is not None and tuple(shape) != tuple(x_T.shape):
+        check_tensor("x_T", x_T)
+        if shape is not None and check_shape("shape", shape) != tuple(x_T.shape):
             raise ValueError(f"shape={tuple(shape)} disagrees with x_T.shape={tuple(x_T.shape)}")
         if dtype is not None and dtype != x_T.dtype:
             raise ValueError(f"dtype={dtype} disagrees with x_T.dtype={x_T.dtype}; cast x_T or drop dtype")
-        wanted = torch.device(device) if device is not None else x_T.device
+        wanted = device if device is not None else x_T.device
         if wanted.type != x_T.device.type or wanted.index not in (None, x_T.device.index):
             raise ValueError(f"device={device} disagrees with x_T.device={x_T.device}; move x_T or drop device")
         return x_T
     if shape is None:
         raise ValueError("give shape=(batch, ...) or x_T")
-    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 1 or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape):
-        raise ValueError(f"shape={shape!r}: expected a tuple of ints >= 1, batch first")
+    shape = check_shape("shape", shape)
     dtype = dtype or torch.get_default_dtype()
-    return noise.draw(tuple(shape), dtype, torch.device(device or "cpu"))
+    return noise.draw(shape, dtype, device or torch.device("cpu"))
 
 
 def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", steps: int | None = None,
@@ -152,8 +143,8 @@ def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", ste
         raise TypeError(f"model={model!r}: expected a Denoiser or a callable model(x, t) -> eps")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback={callback!r}: expected a callable callback(i, t, x) or None")
-    if not isinstance(final_denoise, bool):
-        raise TypeError(f"final_denoise={final_denoise!r}: expected True or False")
+    for name, flag in (("final_denoise", final_denoise), ("progress", progress), ("return_info", return_info)):
+        check_flag(name, flag)
     spec = _solver(solver)
     _check_options(spec, options)
     times = _time_grid(spec, sde, steps, grid, t_end)
@@ -165,6 +156,13 @@ def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", ste
         raise TypeError(f"noise={noise!r}: expected a noise source noise(like, t0, t1) -> N(0, I) draw, with "
                         f"draw(shape, dtype, device) for x_T unless x_T is given (see GaussianNoise)")
     x = _initial_state(x_T, shape, dtype, device, noise)
+    want = declared_sample_shape(model)
+    if want is not None and tuple(x.shape[1:]) != want:
+        raise ValueError(f"shape/x_T: samples of shape {tuple(x.shape)}, but the model takes (batch, "
+                         f"{', '.join(map(str, want))})")
+    if spec.adaptive and x.device.type == "meta":
+        raise ValueError(f"device=meta (of x_T or device=): solver {spec.name!r} is adaptive: its step control "
+                         "reads the state on the host, and a meta tensor holds no values; use a fixed-step solver")
 
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sde)
     total = None if spec.adaptive else (len(times) - 1) * spec.nfe_per_step + final_denoise

@@ -47,7 +47,7 @@ def ancestral(model, x, times, *, noise, callback, variance: str = "posterior"):
     """Ancestral sampling from the DDPM posterior (Ho et al. 2020) on any grid.
     variance="posterior" draws with sigma_tilde^2 (the exact posterior), "beta" with sigma_ts^2
     (Ho et al.'s other choice, sigma_t^2 = beta_t)."""
-    if variance not in VARIANCES:
+    if not isinstance(variance, str) or variance not in VARIANCES:
         raise ValueError(f"variance={variance!r}: expected one of {VARIANCES}")
     p = _posterior_terms(model.sde, times)
     c_eps = (p["alpha_t"] / p["alpha_s"]) * p["sigma_s"] ** 2 / p["sigma_t"]

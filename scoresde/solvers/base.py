@@ -8,6 +8,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .._util import per_sample
 from ..prediction import Denoiser
 
 # The arguments every solver takes; everything else in its signature is a solver option.
@@ -38,6 +39,7 @@ class Solver:
 
 
 SOLVERS: dict[str, Solver] = {}
+"""Every registered solver by name (`sd.sample(..., solver=name)`); `register` adds to it."""
 
 
 def register(name: str, *, grid: str | None = "uniform", stochastic: bool = False, nfe_per_step: int = 1):
@@ -55,13 +57,25 @@ def register(name: str, *, grid: str | None = "uniform", stochastic: bool = Fals
 _SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
+def _per_sample_times(t) -> bool:
+    """Whether t holds one time per sample (adaptive_sde's steps) rather than one for the batch."""
+    return isinstance(t, torch.Tensor) and t.numel() > 1
+
+
 def _where(step, t) -> str:
-    """Where a model call happened, for messages: the step (None for solvers without a grid) and t."""
-    return f"t={float(t):.6g}" if step is None else f"step {step}, t={float(t):.6g}"
+    """Where a model call happened, for messages: the step (None for solvers without a grid) and t
+    (per-sample times, as adaptive_sde passes them: their range)."""
+    if _per_sample_times(t):
+        lo, hi = float(t.min()), float(t.max())
+        at = f"t={lo:.6g}" if lo == hi else f"t={lo:.6g} to {hi:.6g} across the batch"
+    else:
+        at = f"t={float(t):.6g}"
+    return at if step is None else f"step {step}, {at}"
 
 
 class ModelRun:
-    """The model as one sampling run sees it: eps(x, t) with t a Python float or a 0-d tensor.
+    """The model as one sampling run sees it: eps(x, t) with t a Python float or a 0-d tensor, or
+    a (batch,) tensor of per-sample times (adaptive_sde).
 
     Counts model calls (NFE), checks the output's shape at once and its finiteness without a
     host round trip (the flags are read once, after the loop, by `check_finite`), and drives
@@ -72,6 +86,7 @@ class ModelRun:
     def __init__(self, denoiser: Denoiser, sde, *, progress: bool = False, total: int | None = None):
         self.denoiser, self.sde, self.step = denoiser, sde, 0
         self._calls: list[tuple] = []  # (sum of the output, step, t) per call, read after the loop
+        self._last_rows = None  # per-sample sums of the latest output, kept for per-sample times only
         self._bar = tqdm(total=total, unit="NFE", leave=False) if progress else None
 
     @property
@@ -83,9 +98,16 @@ class ModelRun:
         if eps.shape != x.shape:
             raise ValueError(f"model output has shape {tuple(eps.shape)}, expected the input's "
                              f"{tuple(x.shape)} ({_where(self.step, t)})")
+        if eps.device != x.device or eps.is_complex():
+            raise ValueError(f"model output is a {eps.dtype} tensor on {eps.device}, expected a real one on the "
+                             f"input's device {x.device} ({_where(self.step, t)})")
         # A sum is NaN or inf whenever an element is, and costs one pass where isfinite() costs
         # several; half-precision outputs are summed in float32 so the sum cannot overflow.
-        self._calls.append((eps.sum(dtype=_SUM_DTYPE.get(eps.dtype)), self.step, t))
+        # With per-sample times (adaptive_sde) the per-sample sums are kept too, to name the sample.
+        sum_dtype = _SUM_DTYPE.get(eps.dtype)
+        rows = eps.flatten(1).sum(1, dtype=sum_dtype) if _per_sample_times(t) else None
+        self._calls.append((eps.sum(dtype=sum_dtype) if rows is None else rows.sum(), self.step, t))
+        self._last_rows = rows
         if self._bar is not None:
             self._bar.update()
         return eps if eps.dtype == x.dtype else eps.to(x.dtype)
@@ -93,14 +115,21 @@ class ModelRun:
     def check_last(self):
         """Raise now if the latest model output held NaN or inf: for adaptive solvers and bridges,
         whose step control reads every evaluation on the host anyway."""
-        if not bool(torch.isfinite(self._calls[-1][0])):  # sync: the caller syncs every call anyway
-            self.check_finite()
+        total, step, t = self._calls[-1]
+        if bool(torch.isfinite(total)):  # sync: the caller syncs every call anyway
+            return
+        bad = (~torch.isfinite(self._last_rows)).nonzero() if self._last_rows is not None else []
+        if len(bad):  # per-sample times: name the first sample that went wrong, and its time
+            k = int(bad[0])
+            raise FloatingPointError(f"the model returned NaN or inf at model call {self.nfe} "
+                                     f"({_where(step, t[k])}, sample {k})")
+        self.check_finite()
 
     def check_finite(self):
         """Raise if any model output held NaN or inf, naming the first step and t."""
         if self._bar is not None:
             self._bar.close()
-        if not self._calls:
+        if not self._calls or self._calls[0][0].device.type == "meta":  # meta tensors hold no values to check
             return
         finite = torch.isfinite(torch.stack([c[0] for c in self._calls]))
         if not bool(finite.all()):  # sync: once, after the loop
@@ -144,19 +173,41 @@ class BrownianNoise(GaussianNoise):
     """Increments of one Brownian path (torchsde's BrownianInterval), scaled to unit variance.
 
     Solvers on different grids then see the same path: their fine steps add up to the coarse
-    ones, as strong-order tests and coupled comparisons need.
+    ones, as strong-order tests and coupled comparisons need. The times of a call are floats (one
+    step for the whole batch) or per-sample (batch,) CPU tensors (adaptive_sde steps each sample
+    on its own); an empty step gives zeros.
+    cache_size: how many of the path's pieces torchsde keeps (each of the batch's size; None: all).
+    Its default 45 suits one step for the batch; per-sample steps touch a piece per sample at each
+    step, and a cache of several times the batch size (or None) spares recomputing them.
     """
 
-    def __init__(self, shape, t0: float, t1: float, *, seed: int = 0, dtype=torch.float32, device=None):
+    def __init__(self, shape, t0: float, t1: float, *, seed: int = 0, dtype=torch.float32, device=None,
+                 cache_size: int | None = 45):
         import torchsde
 
         super().__init__(None)
         self.shape = tuple(shape)
         self.path = torchsde.BrownianInterval(
             t0=min(t0, t1), t1=max(t0, t1), size=(self.shape[0], int(torch.Size(self.shape[1:]).numel())),
-            dtype=dtype, device=device, entropy=seed)
+            dtype=dtype, device=device, entropy=seed, cache_size=cache_size)
 
     def __call__(self, like, t0, t1):
-        lo, hi = min(t0, t1), max(t0, t1)
-        dw = self.path(lo, hi) / (hi - lo) ** 0.5
+        if isinstance(t0, torch.Tensor) and t0.ndim == 1:  # per-sample steps
+            lo, hi = torch.minimum(t0, t1), torch.maximum(t0, t1)
+            dw = self._rows(lo.tolist(), hi.tolist())  # sync: none, CPU times
+            h = hi - lo
+            dw = dw * per_sample(torch.where(h > 0, h, 1.0).rsqrt(), dw)  # an empty step's dw is 0
+        else:
+            lo, hi = min(t0, t1), max(t0, t1)
+            dw = self.path(lo, hi)
+            dw = dw / (hi - lo) ** 0.5 if hi > lo else dw
         return dw.reshape(like.shape).to(like.dtype)
+
+    def _rows(self, lo: list, hi: list) -> torch.Tensor:
+        """Sample k's row of the path's increment over [lo[k], hi[k]], for every k: each distinct
+        interval is queried once."""
+        queried = {}
+        for a, b in zip(lo, hi):
+            if (a, b) not in queried:
+                queried[a, b] = self.path(a, b)
+        return torch.stack([queried[a, b][k] for k, (a, b) in enumerate(zip(lo, hi))])

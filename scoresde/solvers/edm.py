@@ -12,6 +12,7 @@ options, so every coefficient (the off-grid time t(s_hat) included) is fixed bef
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -22,14 +23,16 @@ from .base import register
 GAMMA_MAX = math.sqrt(2.0) - 1.0  # Karras et al.: churn at most doubles the variance
 
 
-def _check_options(s_churn, s_tmin, s_tmax, s_noise):
+def _check_options(s_churn, s_tmin, s_tmax, s_noise) -> tuple[float, ...]:
+    """The options as floats, after checking them (s_tmax alone may be inf)."""
     for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # NaN fails >=
             raise ValueError(f"{name}={value!r}: expected a number >= 0")
-        if name != "s_tmax" and math.isinf(value):
+        if name != "s_tmax" and not value <= sys.float_info.max:  # not math.isinf: huge ints overflow it
             raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
     if s_tmin > s_tmax:
         raise ValueError(f"s_tmin={s_tmin!r} > s_tmax={s_tmax!r}: churn acts where s_tmin <= sigma/alpha <= s_tmax")
+    return tuple(float(v) if v <= sys.float_info.max else math.inf for v in (s_churn, s_tmin, s_tmax, s_noise))
 
 
 def _plan(sde, times, s_churn, s_tmin, s_tmax, s_noise):
@@ -62,7 +65,7 @@ def edm(model, x, times, *, noise, callback, s_churn: float = 0.0, s_tmin: float
     """Karras et al. 2022's stochastic sampler (Algorithm 2): churn noise in, then a Heun step, in
     (x/alpha, sigma/alpha). s_churn = 0 (the default) is deterministic Heun; noise is added where
     s_tmin <= sigma/alpha <= s_tmax, gamma = min(s_churn/steps, sqrt(2) - 1), scaled by s_noise."""
-    _check_options(s_churn, s_tmin, s_tmax, s_noise)
+    s_churn, s_tmin, s_tmax, s_noise = _check_options(s_churn, s_tmin, s_tmax, s_noise)
     sde = model.sde
     t_hat, alpha_hat, sigma_hat, s_hat, noise_scale, churned = _plan(sde, times, s_churn, s_tmin, s_tmax, s_noise)
     t_host = host_floats(times)

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .._util import F64, host_floats
+from .._util import F64, check_number, host_floats
 from .base import register
 
 # Butcher tableaus (a: rows of the strictly lower triangle, b: weights, c: nodes).
@@ -111,15 +111,24 @@ def _velocity(model):
 TORCHDIFFEQ_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
+MIN_TOLERANCE = 1e-14  # beneath float64 resolution no step controller can meet a tolerance (scipy's floor too)
+
+
+def check_tolerances(rtol, atol) -> tuple[float, float]:
+    """An adaptive ODE solver's error tolerances: finite numbers >= MIN_TOLERANCE."""
+    return (check_number("rtol", rtol, low=MIN_TOLERANCE), check_number("atol", atol, low=MIN_TOLERANCE))
+
+
 @register("dopri5", grid=None)
 def dopri5(model, x, times, *, noise, callback, rtol: float = 1e-5, atol: float = 1e-5,
            method: str = "dopri5"):
     """Adaptive Runge-Kutta through torchdiffeq (any of its adaptive methods by `method`)."""
     from torchdiffeq import odeint
 
-    if method not in TORCHDIFFEQ_ADAPTIVE:
+    if not isinstance(method, str) or method not in TORCHDIFFEQ_ADAPTIVE:
         raise ValueError(f"method={method!r}: expected one of torchdiffeq's adaptive methods "
                          f"{TORCHDIFFEQ_ADAPTIVE}; for fixed steps use solver='euler', 'heun' or 'rk4'")
+    rtol, atol = check_tolerances(rtol, atol)
     sde, velocity = model.sde, _velocity(model)
     lam_span = sde.log_snr(times[[0, -1]])
     alpha = host_floats(sde.alpha(times[[0, -1]]))
@@ -140,8 +149,9 @@ def rk45(model, x, times, *, noise, callback, rtol: float = 1e-5, atol: float = 
     import numpy as np
     from scipy.integrate import solve_ivp
 
-    if method not in SCIPY_METHODS:
+    if not isinstance(method, str) or method not in SCIPY_METHODS:
         raise ValueError(f"method={method!r}: expected one of solve_ivp's methods {SCIPY_METHODS}")
+    rtol, atol = check_tolerances(rtol, atol)
     sde, velocity = model.sde, _velocity(model)
     lam_span = host_floats(sde.log_snr(times[[0, -1]]))
     alpha = host_floats(sde.alpha(times[[0, -1]]))

@@ -1,8 +1,11 @@
 """Reverse-SDE solvers: Euler-Maruyama on dx = [f - g^2 score] dt + g dw (Song et al. 2021), and a
-bridge to torchsde's solvers driven by a seeded Brownian interval."""
+bridge to torchsde's solvers driven by the generator's draws."""
 from __future__ import annotations
 
+import math
+
 import torch
+import torchsde
 
 from .._util import F64, host_floats
 from .base import register
@@ -29,6 +32,55 @@ def euler_maruyama(model, x, times, *, noise, callback):
 
 TORCHSDE_METHODS = ("euler", "milstein", "srk", "midpoint", "heun")
 STRATONOVICH_ONLY = ("midpoint", "heun")
+
+
+class _BrownianSteps(torchsde.BaseBrownian):
+    """The Brownian motion of a fixed-step solve, drawn step by step from the noise source: the
+    increment W ~ N(0, h I) of each step and, for "srk", its space-time Levy area H ~ N(0, h/12 I),
+    independent (as torchsde's BrownianInterval draws them), handed over as U = h (W/2 + H).
+
+    With one generator per sample, a sample's draws come from its own generator alone, so it does
+    not depend on the batch it is drawn in; a step costs one or two draws, where a BrownianInterval
+    per sample would cost a tree query per sample. Draws are not stored, so the queries must be the
+    consecutive steps (torchsde's fixed-step methods query each step once, in order): any other is
+    refused rather than answered inconsistently.
+    """
+
+    def __init__(self, noise, like: torch.Tensor, t0: float):
+        self._noise, self._like, self._t = noise, like, t0
+
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):
+        ta, tb = float(ta), float(tb if tb is not None else ta)  # sync: torchsde's times are tensors
+        if return_A or ta != self._t or not tb > ta:
+            raise RuntimeError(f"torchsde bridge: the Brownian motion is drawn step by step, in order; got a "
+                               f"query for [{ta}, {tb}] after the step that ended at {self._t}")
+        self._t, h = tb, tb - ta
+        W = self._draw() * math.sqrt(h)
+        if not return_U:
+            return W
+        return W, h * (0.5 * W + self._draw() * math.sqrt(h / 12))
+
+    def _draw(self) -> torch.Tensor:
+        return self._noise.draw(self._like.shape, self._like.dtype, self._like.device)
+
+    def __repr__(self):
+        return f"_BrownianSteps(shape={tuple(self.shape)})"
+
+    @property
+    def dtype(self):
+        return self._like.dtype
+
+    @property
+    def device(self):
+        return self._like.device
+
+    @property
+    def shape(self):
+        return self._like.shape
+
+    @property
+    def levy_area_approximation(self):
+        return "space-time"
 
 
 class _ReverseSDE(torch.nn.Module):
@@ -67,16 +119,14 @@ class _ReverseSDE(torch.nn.Module):
 
 @register("torchsde", grid="uniform", stochastic=True)
 def torchsde_solver(model, x, times, *, noise, callback, method: str = "euler"):
-    """Any torchsde method on the reverse SDE with a uniform step dt = (T - t_end)/steps and a
-    BrownianInterval seeded from the generator (so the same seed gives the same samples).
-    The interval spans the batch: a sample's noise depends on the batch it is drawn in."""
-    import torchsde
-
-    if method not in TORCHSDE_METHODS:
+    """Any torchsde method on the reverse SDE with a uniform step dt = (T - t_end)/steps, its Brownian
+    increments drawn step by step from the generator (the same seed gives the same samples; with one
+    generator per sample, a sample does not depend on its batch)."""
+    if not isinstance(method, str) or method not in TORCHSDE_METHODS:
         raise ValueError(f"method={method!r}: expected one of {TORCHSDE_METHODS}")
-    if isinstance(noise.generator, (list, tuple)):
-        raise ValueError("generator: solver 'torchsde' draws one Brownian interval for the whole batch; "
-                         "pass a single torch.Generator, not a list")
+    if x.device.type == "meta":
+        raise ValueError("device=meta (of x_T or device=): solver 'torchsde' reads the state on the host; a meta "
+                         "tensor holds no values: use a fixed-step solver")
     steps, dts = len(times) - 1, times[:-1] - times[1:]
     if not torch.allclose(dts, dts.mean(), rtol=1e-9, atol=0):
         raise ValueError("grid: solver 'torchsde' steps uniformly in t; use grid='uniform' (the default)")
@@ -84,11 +134,9 @@ def torchsde_solver(model, x, times, *, noise, callback, method: str = "euler"):
     t_host = host_floats(times)
     span = t_host[0] - t_host[-1]
     sde_type = "stratonovich" if method in STRATONOVICH_ONLY else "ito"
-    seed = int(noise.draw((1,), torch.float64, "cpu").abs().mul(2**31).long())  # sync: once, CPU
     flat = x.reshape(x.shape[0], -1)
     ts = torch.tensor([0.0, span], dtype=torch.float64, device=x.device)
-    bm = torchsde.BrownianInterval(t0=0.0, t1=span, size=flat.shape, dtype=x.dtype, device=x.device,
-                                   entropy=seed, levy_area_approximation="space-time")
+    bm = _BrownianSteps(noise, flat, 0.0)
     func = _ReverseSDE(model, x.shape, t_host[0], sde_type)
     # A hair over span/steps, so that `steps` additions of dt reach the end (torchsde clips the
     # last step to it) instead of falling 1e-16 short and taking one more, tiny, step.

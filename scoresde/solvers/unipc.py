@@ -123,7 +123,7 @@ def unipc(model, x, times, *, noise, callback, order: int = 2, variant: str = "b
     order 1 and 2 at the last steps (stabler at very few steps). corrector=False leaves UniP alone."""
     if isinstance(order, bool) or not isinstance(order, int) or order not in ORDERS:
         raise ValueError(f"order={order!r}: expected an int in 1..3 (the predictor's order)")
-    if variant not in VARIANTS:
+    if not isinstance(variant, str) or variant not in VARIANTS:
         raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
     for name, value in (("lower_order_final", lower_order_final), ("corrector", corrector)):
         if not isinstance(value, bool):

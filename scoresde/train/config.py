@@ -4,8 +4,11 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 
+from .. import nn as networks
+from .._util import MAX_SEED, check_count, check_device, check_flag, check_number
 from ..sde import VPSDE
 from .objective import Objective
 
@@ -69,22 +72,44 @@ class TrainConfig:
         return {"schedule": self.schedule, "beta_min": self.beta_min, "beta_max": self.beta_max}
 
     def validate(self) -> "TrainConfig":
-        self.sde()
-        self.objective()
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "ckpt_every", "keep",
-                     "sample_n", "sample_steps", "max_nan_steps"):
+        """Check every field before any data, network or step: a ValueError or TypeError naming it."""
+        from ..solvers import SOLVERS
+
+        for name in ("data", "out"):  # a data set name or a path; the run folder
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected an int >= 1")
+            if not isinstance(value, (str, os.PathLike)) or not str(value):
+                raise TypeError(f"{name}={value!r}: expected a non-empty string or path")
+        if not isinstance(self.model, str) or self.model not in networks.PRESETS:
+            raise ValueError(f"model={self.model!r}: expected a network preset, one of {', '.join(networks.PRESETS)}")
+        if not isinstance(self.model_overrides, dict) or not all(isinstance(k, str) for k in self.model_overrides):
+            raise TypeError(f"model_overrides={self.model_overrides!r}: expected a dict of network arguments")
+        # Both schedules' parameters, whichever is used: a stored config must not hold nonsense.
+        VPSDE.linear(self.beta_min, self.beta_max)
+        check_number("cosine_s", self.cosine_s, low=0.0)
+        self.sde()
+        objective = self.objective()
+        if objective.time == "discrete" and objective.num_steps is None:
+            raise ValueError("num_steps=None: time='discrete' needs the chain length num_steps=N (the schedule is "
+                             "continuous)")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "ckpt_every", "keep",
+                     "sample_n", "max_nan_steps"):
+            check_count(name, getattr(self, name), maximum=None)
+        check_count("sample_steps", self.sample_steps)
+        check_count("warmup", self.warmup, minimum=0, maximum=None)
+        check_count("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size={self.batch_size} must be a multiple of grad_accum={self.grad_accum}")
-        for name in ("lr", "grad_clip"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected a positive number")
-        if not 0 <= self.cond_drop < 1:
-            raise ValueError(f"cond_drop={self.cond_drop!r}: expected a number in [0, 1)")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay={self.ema_decay!r}: expected a number in [0, 1)")
+        check_number("lr", self.lr, low=0.0, low_open=True)
+        check_number("grad_clip", self.grad_clip, low=0.0, low_open=True, finite=False)  # inf: no clipping
+        check_number("weight_decay", self.weight_decay, low=0.0)
+        check_number("cond_drop", self.cond_drop, low=0.0, high=1.0, high_open=True)
+        check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
+        for name in ("ema_warmup", "bf16", "compile", "channels_last"):
+            check_flag(name, getattr(self, name))
+        if not isinstance(self.sample_solver, str) or self.sample_solver not in SOLVERS:
+            raise ValueError(f"sample_solver={self.sample_solver!r}: expected one of {', '.join(sorted(SOLVERS))}")
+        if self.device != "auto":
+            check_device("device", self.device)
         return self
 
 
@@ -103,7 +128,7 @@ PRESETS = {
 
 
 def preset(name: str) -> TrainConfig:
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"preset={name!r} is unknown; known presets: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], model_overrides=dict(PRESETS[name].model_overrides))
 
@@ -138,8 +163,14 @@ def _literal(text: str):
 
 def apply_overrides(config: TrainConfig, overrides) -> TrainConfig:
     """Apply `key=value` strings: a TrainConfig field, or `model.KEY` for the network preset."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config={config!r}: expected a TrainConfig (e.g. preset('digits'))")
+    if isinstance(overrides, str) or not isinstance(overrides, (list, tuple)):
+        raise TypeError(f"overrides={overrides!r}: expected a list of 'key=value' strings")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "model_overrides"}
     for item in overrides:
+        if not isinstance(item, str):
+            raise TypeError(f"override {item!r}: expected a 'key=value' string")
         key, sep, text = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r}: expected key=value")

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._util import F64, per_sample
+from .._util import F64, MAX_CHAIN, check_count, check_number, per_sample
 from ..prediction import PREDICTIONS, from_eps
 from ..sde import VPSDE
 
@@ -34,14 +34,15 @@ class Objective:
     min_snr_gamma: float | None = None
 
     def __post_init__(self):
-        if self.target not in TARGETS:
+        if not isinstance(self.target, str) or self.target not in TARGETS:
             raise ValueError(f"target={self.target!r}: expected one of {TARGETS}")
-        if self.time not in TIME_SAMPLING:
+        if not isinstance(self.time, str) or self.time not in TIME_SAMPLING:
             raise ValueError(f"time={self.time!r}: expected one of {TIME_SAMPLING}")
-        if not 0.0 < self.t_eps < 1.0:
-            raise ValueError(f"t_eps={self.t_eps!r}: expected a float in (0, 1)")
-        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
-            raise ValueError(f"min_snr_gamma={self.min_snr_gamma!r}: expected a positive float or None")
+        check_number("t_eps", self.t_eps, low=0.0, high=1.0, low_open=True, high_open=True)
+        if self.num_steps is not None:
+            check_count("num_steps", self.num_steps, maximum=MAX_CHAIN)
+        if self.min_snr_gamma is not None:
+            check_number("min_snr_gamma", self.min_snr_gamma, low=0.0, low_open=True)
 
     def sample_times(self, sde: VPSDE, batch: int, *, generator=None, device=None) -> torch.Tensor:
         """float64 times of shape (batch,)."""

@@ -1,0 +1,101 @@
+"""The benchmark suite (`scoresde bench`): a tiny run writes everything it promises, its model-call
+accounting holds up, and a missing peer is reported as skipped. No timing thresholds."""
+import json
+import math
+import sys
+
+import pytest
+from PIL import Image
+
+import scoresde as sd
+from scoresde.bench import speed, suite
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert suite.main(["--tiny", "--threads", "1", "--out", str(out)]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_json_holds_the_run_and_every_fixed_step_solver(tiny_run):
+    _, results = tiny_run
+    meta = results["meta"]
+    assert meta["command"].startswith("scoresde bench --tiny")
+    assert meta["machine"]["cores"] >= 1 and meta["versions"]["torch"] and meta["date"]
+    rows = results["speed"]["rows"]
+    fixed = {r["solver"] for r in rows if r["library"] == "scoresde" and r["kind"] == "fixed"}
+    assert fixed == {name for name, spec in sd.SOLVERS.items() if not spec.adaptive}
+    assert {"diffusers", "torchsde", "torchdiffeq"} <= {r["library"] for r in rows}
+    assert {r["problem"] for r in results["quality"]["verdicts"]} == {"ring2d", "mixture16d"}
+    (train,) = results["train"]["rows"]
+    assert train["images_per_s"] > 0 and 0 <= train["outside_forward_backward"] < 1
+
+
+def test_model_calls_are_counted_as_the_solvers_make_them(tiny_run):
+    """Our NFE is steps x calls per step; diffusers' Heun makes 2k - 1 calls for k timesteps."""
+    _, results = tiny_run
+    for r in results["speed"]["rows"]:
+        if r["library"] == "scoresde" and r["kind"] == "fixed":
+            per_step = sd.SOLVERS[r["solver"]].nfe_per_step
+            assert r["nfe"] == max(1, r["nfe_budget"] // per_step) * per_step, r
+        elif r["solver"] == "HeunDiscreteScheduler":
+            assert r["nfe"] == 2 * ((r["nfe_budget"] + 1) // 2) - 1, r
+        elif r["library"] == "diffusers":
+            assert r["nfe"] == r["nfe_budget"], r
+
+
+def test_no_sampling_loop_beats_its_bare_forwards(tiny_run):
+    """A loop makes the same forwards and more, so its ratio is at least about 1. Wrong accounting
+    (bare forwards timed for more calls than the loop made, a call counted twice) shows as 0.5 or
+    less. Process CPU time, unlike wall time, does not count time spent descheduled on a busy
+    machine; the margin to 0.85 is for timer noise."""
+    _, results = tiny_run
+    for r in results["speed"]["rows"]:
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+        assert math.isfinite(r["ratio_cpu"]) and r["ratio_cpu"] >= 0.85, r
+        assert r["ms_per_sample"] == pytest.approx(1e3 * r["seconds"] / r["batch"])
+
+
+def test_plots_decode_and_markdown_has_the_tables(tiny_run):
+    out, results = tiny_run
+    assert set(results["meta"]["plots"]) == {"quality_ring2d.png", "quality_mixture16d.png", "speed.png"}
+    for name in results["meta"]["plots"]:
+        with Image.open(out / name) as png:
+            png.load()
+            assert png.format == "PNG" and min(png.size) > 100
+    text = (out / "results.md").read_text()
+    for heading in ("### ring2d", "### Verdict", "## Sampling speed", "### tiny, batch 2, NFE 2",
+                    "### tiny, batch 2, adaptive solvers", "## Training throughput"):
+        assert heading in text
+    table_rows = [line for line in text.splitlines() if line.startswith("| scoresde | ")]
+    assert len(table_rows) == sum(r["library"] == "scoresde" for r in results["speed"]["rows"])
+    for name in results["meta"]["plots"]:
+        assert f"]({name})" in text
+
+
+def test_a_missing_peer_is_reported_as_skipped(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers now raises ImportError
+    assert suite.main(["--tiny", "--only", "quality", "--out", str(tmp_path)]) == 0
+    assert "skipped peer diffusers" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["meta"]["skipped_peers"]) == {"diffusers"}
+    assert not any(r["sampler"].startswith("diffusers") for r in results["quality"]["rows"])
+    assert "diffusers (cannot import it" in (tmp_path / "results.md").read_text()
+    assert "speed" not in results and "train" not in results
+
+
+def test_speed_cases_leave_out_what_is_missing():
+    setting = speed.Setting("tiny", 1, (2,), adaptive=("dopri5",))
+    env = type("Env", (), {"peers": {"diffusers": None, "torchsde": None, "torchdiffeq": None}})()
+    libraries = {c.library for c in speed.cases(setting, env)}
+    assert libraries == {"scoresde"}
+
+
+def test_bad_arguments_are_refused_at_the_door(tmp_path, capsys):
+    assert suite.main(["--tiny", "--device", "nonsense", "--out", str(tmp_path)]) == 2
+    assert "device='nonsense'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        suite.main(["--threads", "0"])
+    with pytest.raises(SystemExit):
+        suite.main(["--only", "everything"])

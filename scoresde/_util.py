@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 
 import torch
 
@@ -31,6 +33,13 @@ def as_time(t, device=None, name: str = "t") -> torch.Tensor:
     except (TypeError, ValueError, RuntimeError, OverflowError) as err:
         raise TypeError(f"{name}={t!r}: expected a float, a sequence of floats or a tensor of times "
                         f"({err})") from None
+
+
+def as_path(name: str, value) -> Path:
+    """A path argument (str or os.PathLike) as a Path."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name}={value!r}: expected a path (str or os.PathLike)")
+    return Path(value)
 
 
 def check_count(name: str, value, *, minimum: int = 1, maximum: int | None = MAX_STEPS) -> int:

@@ -31,7 +31,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .solvers import sample
-from .train.checkpoint import CheckpointError, _as_path, _check_int, config_differences, write_atomic
+from ._util import as_path, check_count
+from .train.checkpoint import CheckpointError, config_differences, write_atomic
 
 __all__ = ["ChunkedRun", "load_samples", "sample_to_disk", "sample_seed"]
 
@@ -165,8 +166,9 @@ def sample_to_disk(model, sde, n: int, out_dir, *, sample_shape, batch_size: int
     A rerun with the same arguments draws only the chunks missing on disk. A NaN or inf from the model
     stops the run with the chunk, step and t; the chunks before it stay on disk.
     """
-    out = _as_path("out_dir", out_dir)
-    n, batch_size, seed = _check_int("n", n, 1), _check_int("batch_size", batch_size, 1), _check_int("seed", seed, 0)
+    out = as_path("out_dir", out_dir)
+    n, batch_size = check_count("n", n, maximum=None), check_count("batch_size", batch_size, maximum=None)
+    seed = check_count("seed", seed, minimum=0, maximum=None)
     sample_shape = _check_sample_shape(sample_shape)
     if transform is not None and not callable(transform):
         raise TypeError(f"transform={transform!r}: expected a callable chunk -> chunk, or None")
@@ -205,7 +207,7 @@ def load_samples(out_dir, *, partial: bool = False) -> torch.Tensor:
     partial: return the finished leading chunks of an unfinished run instead of raising.
     Raises `CheckpointError` naming the file for a missing, unreadable or misshapen chunk.
     """
-    out = _as_path("out_dir", out_dir)
+    out = as_path("out_dir", out_dir)
     manifest = _read_manifest(out) if out.is_dir() else None
     if manifest is None:
         raise CheckpointError(f"{out}: no {MANIFEST}: not a folder written by sample_to_disk")

@@ -42,6 +42,8 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from .._util import as_path, check_count
+
 __all__ = [
     "Checkpoint",
     "CheckpointError",
@@ -94,20 +96,6 @@ class Checkpoint:
 
 
 # ---- argument checks -----------------------------------------------------------------------------
-def _as_path(name: str, value) -> Path:
-    if not isinstance(value, (str, os.PathLike)):
-        raise TypeError(f"{name}={value!r}: expected a path (str or os.PathLike)")
-    return Path(value)
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}={value!r}: expected an int >= {minimum}")
-    if value < minimum:
-        raise ValueError(f"{name}={value!r}: expected an int >= {minimum}")
-    return value
-
-
 def _check_device(map_location) -> torch.device:
     if not isinstance(map_location, (str, torch.device)):
         raise TypeError(f"map_location={map_location!r}: expected a device name or torch.device")
@@ -318,10 +306,10 @@ def save_checkpoint(root, step: int, *, model_state: Mapping[str, torch.Tensor],
     directories to keep (None: all). A failure raises `CheckpointWriteError` (an OSError with the
     original errno) and leaves the earlier checkpoints and `latest` untouched.
     """
-    root = _as_path("root", root)
-    step = _check_int("step", step, 0)
+    root = as_path("root", root)
+    step = check_count("step", step, minimum=0, maximum=None)
     if keep is not None:
-        _check_int("keep", keep, 1)
+        check_count("keep", keep, minimum=1, maximum=None)
     model = _tensors_for_saving("model_state", model_state)
     ema = None if ema_state is None else _tensors_for_saving("ema_state", ema_state)
     config_bytes = _config_bytes(config)
@@ -545,7 +533,7 @@ def load_checkpoint(path, *, map_location="cpu") -> Checkpoint:
     state to the parameters' device in `load_state_dict`, and RNG states must be CPU tensors).
     Raises `CheckpointError` naming the file and what is wrong.
     """
-    path = _as_path("path", path)
+    path = as_path("path", path)
     device = _check_device(map_location)
     if path.is_file():
         return _load_weights_file(path, device)
@@ -566,7 +554,7 @@ def latest_checkpoint(root, *, verify: bool = False) -> Path | None:
 
     Without `verify`, "complete" means the manifest (written last) is there; the files are not
     hashed. With `verify=True` each candidate is fully loaded and checked (slow)."""
-    root = _as_path("root", root)
+    root = as_path("root", root)
     if not root.is_dir():
         return None
     name = _read_latest(root)

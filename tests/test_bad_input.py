@@ -338,3 +338,37 @@ def test_inf_is_caught_like_nan():
     sde = sd.VPSDE.linear()
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         sd.sample(lambda x, t: torch.full_like(x, math.inf), sde, shape=(2, 2), solver="heun", steps=3)
+
+
+# ---- registering a solver ----------------------------------------------------------------------------------
+def _solver(model, x, times, *, noise, callback):
+    return x
+
+
+@pytest.mark.parametrize("kwargs, error, fragment", [
+    ({"name": "heun"}, ValueError, "registered already"),
+    ({"name": "my solver"}, ValueError, "name='my solver'"),
+    ({"name": "mine", "grid": "cubic"}, ValueError, "grid='cubic'"),
+    ({"name": "mine", "nfe_per_step": 0}, ValueError, "nfe_per_step=0"),
+    ({"name": "mine", "stochastic": 1}, TypeError, "stochastic=1"),
+])
+def test_register_refuses_bad_arguments_and_a_taken_name(kwargs, error, fragment):
+    name = kwargs.pop("name")
+    with pytest.raises(error, match=re.escape(fragment)):
+        sd.solvers.register(name, **kwargs)(_solver)
+    assert sd.SOLVERS["heun"].fn.__name__ == "heun"  # nothing was replaced
+
+
+def test_register_refuses_a_function_without_the_shared_signature():
+    with pytest.raises(TypeError, match=r"lacks the shared argument\(s\) \['noise', 'callback'\]"):
+        sd.solvers.register("mine")(lambda model, x, times: x)
+    assert "mine" not in sd.SOLVERS
+
+
+def test_register_replaces_only_when_asked():
+    try:
+        sd.solvers.register("mine_twice")(_solver)
+        sd.solvers.register("mine_twice", replace=True, nfe_per_step=2)(_solver)
+        assert sd.SOLVERS["mine_twice"].nfe_per_step == 2
+    finally:
+        sd.SOLVERS.pop("mine_twice", None)

@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .._util import per_sample
+from .._util import check_count, check_flag, per_sample
+from ..grids import GRIDS
 from ..prediction import Denoiser
 
 # The arguments every solver takes; everything else in its signature is a solver option.
@@ -42,11 +43,29 @@ SOLVERS: dict[str, Solver] = {}
 """Every registered solver by name (`sd.sample(..., solver=name)`); `register` adds to it."""
 
 
-def register(name: str, *, grid: str | None = "uniform", stochastic: bool = False, nfe_per_step: int = 1):
-    """Register `fn` in SOLVERS under `name` (decorator)."""
+def register(name: str, *, grid: str | None = "uniform", stochastic: bool = False, nfe_per_step: int = 1,
+             replace: bool = False):
+    """Register `fn` in SOLVERS under `name` (decorator). A name already taken is refused unless
+    replace=True, so a new solver cannot silently shadow a built-in one."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"name={name!r}: expected a solver name made of letters, digits and underscores")
+    if grid is not None and (not isinstance(grid, str) or grid not in GRIDS):
+        raise ValueError(f"grid={grid!r}: expected one of {sorted(GRIDS)}, or None for an adaptive solver")
+    check_flag("stochastic", stochastic)
+    check_flag("replace", replace)
+    check_count("nfe_per_step", nfe_per_step, maximum=None)
+    if name in SOLVERS and not replace:
+        raise ValueError(f"name={name!r}: a solver of that name is registered already; pass replace=True to "
+                         "replace it")
 
     def decorate(fn):
+        if not callable(fn):
+            raise TypeError(f"register({name!r}) decorates a solver function, got {fn!r}")
         params = inspect.signature(fn).parameters
+        missing = [arg for arg in SHARED_ARGS if arg not in params]
+        if missing:
+            raise TypeError(f"solver {name!r}: its signature lacks the shared argument(s) {missing}: expected "
+                            "fn(model, x, times, *, noise, callback, **options)")
         options = {k: p.default for k, p in params.items() if k not in SHARED_ARGS}
         SOLVERS[name] = Solver(name, fn, grid, stochastic, nfe_per_step, options)
         return fn

@@ -152,6 +152,10 @@ class Denoiser:
         if kind == self.prediction:
             return out
         alpha, sigma = self._alpha_sigma(t, x)
+        divides_by_sigma = self.prediction == "x0" or kind == "score"
+        if isinstance(sigma, float) and sigma == 0 and divides_by_sigma:  # host floats only: a free check
+            raise ValueError(f"t={t!r}: sigma(t) = 0 (the data end), where a {self.prediction} model's {kind} is "
+                             "undefined; expected t > 0")
         return from_eps(kind, to_eps(self.prediction, out, x, alpha, sigma), x, alpha, sigma)
 
     def eps(self, x, t):

@@ -81,7 +81,7 @@ def test_sigkilled_training_resumes_to_the_same_weights(tmp_path):
     after the last, every other one aimed inside a save: after each kill the checkpoint `latest` names
     loads and verifies, as does every step directory; `--resume` then finishes with the weights, EMA
     and optimiser moments of an uninterrupted run."""
-    steps, kills, chance = 60, 10, random.Random(6)
+    steps, kills, chance = 150, 10, random.Random(6)  # room for 10 kills on a fast machine too
     command = [sys.executable, "-m", "scoresde.cli", "train", "--preset", "toy2d", "--device", "cpu", "--set",
                *TOY, f"steps={steps}", "ckpt_every=1", "keep=2", "--out"]
     straight = subprocess.Popen(command + [str(tmp_path / "straight")], env=ENV, stdout=subprocess.DEVNULL,

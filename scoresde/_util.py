@@ -106,7 +106,7 @@ def check_batch_time(t, x: torch.Tensor, name: str = "t"):
     elif isinstance(t, bool) or not isinstance(t, numbers.Real):
         raise TypeError(f"{name}={t!r}: expected a float or a tensor of shape () or (batch,)")
     else:
-        check_number(name, t)  # a host number: finite (free to check, it needs no device read)
+        check_number(name, t, low=0.0)  # a host time: finite and >= 0 (free to check: no device read)
     return t
 
 

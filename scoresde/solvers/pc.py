@@ -38,14 +38,13 @@ import sys
 import torch
 
 from .._util import MAX_STEPS, host_floats
-from .base import SOLVERS, BrownianNoise, register
+from .base import _SUM_DTYPE, SOLVERS, BrownianNoise, register
 
 # The registered one-step solvers: their step on the two-point grid times[i:i+2] is the step they take
 # on the whole grid. Multistep solvers ("unipc") would lose their history there, the torchsde bridge
 # builds a Brownian interval per call, and adaptive solvers have no steps: none of them can predict.
 # A new one-step solver joins this list (it fails closed: unlisted solvers are refused, by name).
 ONE_STEP = ("ancestral", "ddim", "edm", "euler", "euler_maruyama", "heun", "rk4")
-_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 def _predictors() -> list[str]:

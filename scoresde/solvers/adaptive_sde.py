@@ -35,19 +35,15 @@ import sys
 import torch
 
 from .._util import F64, host_floats, per_sample
-from .base import BrownianNoise, register
+from .base import _SUM_DTYPE, BrownianNoise, register
 
 SAFETY = 0.9  # theta: aim at 90% of the step the error estimate allows (the authors' value)
 EXPONENT = 0.9  # r in h <- theta h E^-r (the authors' value; step-size theory for an order-1 pair gives 1/2)
-_ERR_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
-
-
-_FLOAT_MAX = sys.float_info.max
 
 
 def _check_number(name, value, *, low, strict, allowed) -> float:
     # Bounded by the largest float, not math.isfinite: that raises OverflowError for huge ints.
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and -_FLOAT_MAX <= value <= _FLOAT_MAX
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and abs(value) <= sys.float_info.max
     if not ok or value < low or (strict and value == low):
         raise ValueError(f"{name}={value!r}: expected {allowed}")
     return float(value)
@@ -55,7 +51,7 @@ def _check_number(name, value, *, low, strict, allowed) -> float:
 
 def _scaled_errors(x_low, x_high, x_prev, rtol, atol) -> torch.Tensor:
     """Per-sample scaled L2 norms of the local error (shape (batch,), on the device)."""
-    dtype = _ERR_DTYPE.get(x_low.dtype, x_low.dtype)
+    dtype = _SUM_DTYPE.get(x_low.dtype, x_low.dtype)  # half precision: in float32
     x_low, x_high, x_prev = (v.flatten(1).to(dtype) for v in (x_low, x_high, x_prev))
     delta = torch.maximum(x_low.abs(), x_prev.abs()).mul_(rtol).clamp_(min=atol)
     return ((x_high - x_low) / delta).pow_(2).mean(1).sqrt_()

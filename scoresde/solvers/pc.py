@@ -54,7 +54,6 @@ def _predictors() -> list[str]:
 STEP_SIZES = ("schedule", "batch")
 
 
-_FLOAT_MAX = sys.float_info.max  # larger ints (and inf) have no float value
 
 
 def _check_options(predictor, snr, n_corrector, step_size, noise):
@@ -65,7 +64,8 @@ def _check_options(predictor, snr, n_corrector, step_size, noise):
                else " cannot predict one step at a time (a multistep method, a bridge, or pc itself)"
                if spec is not None else " is unknown" if isinstance(predictor, str) else "")
         raise ValueError(f"predictor={predictor!r}{why}; expected a one-step solver, one of {valid}")
-    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not (0.0 < snr <= _FLOAT_MAX):
+    # Bounded by the largest float, not math.isfinite: that raises OverflowError for huge ints.
+    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not (0.0 < snr <= sys.float_info.max):
         raise ValueError(f"snr={snr!r}: expected a finite number > 0 (score_sde uses 0.16)")
     if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or not 0 <= n_corrector <= MAX_STEPS:
         raise ValueError(f"n_corrector={n_corrector!r}: expected an int >= 0 and <= {MAX_STEPS} (Langevin steps "

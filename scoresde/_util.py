@@ -15,6 +15,9 @@ F64 = torch.float64
 # The most steps a grid or a chain may have: far more than any sampler needs (a float64 grid of them
 # is 80 MB), and it stops an absurd count from failing deep inside an allocation or looping for days.
 MAX_STEPS = 10**7
+# The most steps of one sampling run: a solver plans every step's coefficients before its first model
+# call, in host memory that grows with the steps (gigabytes at MAX_STEPS); 10^5 is far beyond any sampler.
+MAX_SAMPLING_STEPS = 10**5
 # The longest DDPM chain an index time may refer to: n/N and t N stay exact in float64.
 MAX_CHAIN = 2**53
 MAX_SEED = 2**32 - 1  # seeds are 32-bit ints, as numpy's legacy seeding takes them

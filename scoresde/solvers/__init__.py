@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._util import F64, check_count, check_device, check_flag, check_shape, check_tensor
+from .._util import F64, MAX_SAMPLING_STEPS, check_count, check_device, check_flag, check_shape, check_tensor
 from ..grids import GRIDS
 from ..prediction import Denoiser, declared_sample_shape, eps_to_x0
 from ..sde import VPSDE
@@ -47,6 +47,9 @@ def _check_options(spec: Solver, options: dict):
 
 def _check_t_end(sde: VPSDE, t_end):
     if t_end is None:
+        if sde.t_min >= sde.T:  # a one-step chain: its first step is T itself
+            raise ValueError(f"sde={sde!r}: t_end defaults to the chain's first step 1/N = {sde.t_min}, which is T "
+                             f"itself: nothing to integrate; give t_end in (0, {sde.T}) or use a longer chain")
         return sde.t_min
     if isinstance(t_end, bool) or not isinstance(t_end, (int, float)):
         raise TypeError(f"t_end={t_end!r}: expected a float in (0, {sde.T}) (t = 0 is the data)")
@@ -60,6 +63,9 @@ def _check_times(times, sde: VPSDE, what: str) -> torch.Tensor:
         raise ValueError(f"{what}: expected a 1-D tensor of at least 2 times from T down to t_end")
     if times.device.type == "meta" or times.is_complex():
         raise ValueError(f"{what}: expected real times to read, got a {times.dtype} tensor on {times.device}")
+    if times.numel() > MAX_SAMPLING_STEPS + 1:
+        raise ValueError(f"{what}: {times.numel() - 1} steps; at most {MAX_SAMPLING_STEPS} (each step's coefficients "
+                         "are planned before the first model call, so the plan's memory grows with the steps)")
     times = times.detach().to("cpu", F64)
     values = times.tolist()  # sync: none, a CPU grid checked before the loop
     if not all(a > b for a, b in zip(values, values[1:])):  # NaN fails every comparison
@@ -87,6 +93,9 @@ def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end):
         return torch.tensor([sde.T, t_end], dtype=F64)
     if steps is None:
         steps = max(1, DEFAULT_NFE // spec.nfe_per_step)
+    if isinstance(steps, int) and steps > MAX_SAMPLING_STEPS:
+        raise ValueError(f"steps={steps}: at most {MAX_SAMPLING_STEPS} steps per run (each step's coefficients "
+                         "are planned before the first model call, so the plan's memory grows with the steps)")
     check_count("steps", steps)
     grid = spec.grid if grid is None else grid
     if isinstance(grid, str):
@@ -98,12 +107,26 @@ def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end):
     return _check_times(grid(sde, steps, sde.T, t_end), sde, "grid(...)")
 
 
+def _check_x_T(x_T) -> torch.Tensor:
+    """A user's x_T: a floating (batch, ...) tensor of at least one sample, with no NaN or inf (one
+    reduction before the loop; a NaN in x_T would come out of every solver as a NaN sample)."""
+    check_tensor("x_T", x_T, min_ndim=2)
+    if x_T.numel() == 0:
+        raise ValueError(f"x_T: an empty tensor of shape {tuple(x_T.shape)}; expected at least one sample")
+    if x_T.device.type != "meta":
+        finite = torch.isfinite(x_T.detach().flatten(1)).all(1)
+        if not bool(finite.all()):  # sync: once, before the loop
+            k = int((~finite).nonzero()[0])
+            raise ValueError(f"x_T: sample {k} (of {len(x_T)}) holds NaN or inf; expected finite starting points")
+    return x_T
+
+
 def _initial_state(x_T, shape, dtype, device, noise):
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype={dtype!r}: expected a floating torch.dtype")
     device = check_device("device", device) if device is not None else None
     if x_T is not None:
-        check_tensor("x_T", x_T)
+        _check_x_T(x_T)
         if shape is not None and check_shape("shape", shape) != tuple(x_T.shape):
             raise ValueError(f"shape={tuple(shape)} disagrees with x_T.shape={tuple(x_T.shape)}")
         if dtype is not None and dtype != x_T.dtype:
@@ -115,14 +138,42 @@ def _initial_state(x_T, shape, dtype, device, noise):
     if shape is None:
         raise ValueError("give shape=(batch, ...) or x_T")
     shape = check_shape("shape", shape)
+    if len(shape) < 2:
+        raise ValueError(f"shape={shape}: expected (batch, ...) with at least one dimension per sample; for "
+                         "scalar data use (batch, 1)")
     dtype = dtype or torch.get_default_dtype()
     return noise.draw(shape, dtype, device or torch.device("cpu"))
+
+
+def _check_resolved(sde: VPSDE, times: torch.Tensor, dtype: torch.dtype):
+    """Refuse a grid that the schedule cannot resolve in the samples' precision: the half log-SNR
+    lambda must rise strictly from T to t_end, and alpha/sigma = exp(lambda) and its inverse must be
+    finite in `dtype` (solvers form both). This catches a chain whose alpha underflows at T, a t_end
+    where sigma rounds to 0, and times that a schedule maps to one lambda (a beta that rounds away)."""
+    lam = sde.log_snr(times)
+    limit = math.log(torch.finfo(dtype).max)  # float64: 709.8; float32, bfloat16: 88.7; float16: 11.1
+    outside = ~(lam.abs() < limit)  # NaN too
+    if bool(outside.any()):  # sync: none, a CPU grid
+        k = int(outside.nonzero()[0])
+        low, high = sde.t_from_log_snr(torch.tensor([limit, -limit], dtype=F64)).tolist()
+        where, fix = (("sde", "the schedule's alpha underflows at T: use a chain with a larger alpha_bar_N")
+                      if k == 0 else ("t_end", "raise t_end (or sample in float64)") if k == len(times) - 1
+                      else ("grid", "choose times inside that range"))
+        raise ValueError(f"{where}: at t={times[k].item():.6g} the schedule's half log-SNR is {lam[k].item():.6g}, "
+                         f"beyond what {dtype} samples resolve (|lambda| < {limit:.4g}, so that alpha/sigma and "
+                         f"sigma/alpha are finite); the usable times are ({max(low, 0.0):.3g}, {high:.6g}]: {fix}")
+    flat = ~(lam[1:] > lam[:-1])
+    if bool(flat.any()):  # sync: none, a CPU grid
+        k = int(flat.nonzero()[0])
+        raise ValueError(f"sde, grid: t={times[k].item():.6g} and t={times[k + 1].item():.6g} have the same half "
+                         f"log-SNR {lam[k].item():.6g} in float64: the schedule does not tell them apart (a beta "
+                         "too small to change 1 - beta?); every solver needs lambda strictly rising from T to t_end")
 
 
 def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", steps: int | None = None,
            grid=None, t_end: float | None = None, final_denoise: bool = True, generator=None, noise=None,
            dtype=None, device=None, callback=None, progress: bool = False, return_info: bool = False,
-           **options):
+           grad: bool = False, **options):
     """Draw samples by running `solver` from the prior at T down to `t_end`.
 
     model: a `Denoiser`, or a callable model(x, t) -> eps with t a (batch,) tensor of times.
@@ -136,6 +187,8 @@ def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", ste
         `noise` replaces the noise source (e.g. `BrownianNoise` to couple runs).
     callback(i, t, x): called after each step. progress: show a progress bar of model calls.
     return_info: also return a `SampleInfo` (NFE, grid). **options: the solver's own options.
+    grad: record the run for autograd, so that gradients reach x_T, the model's parameters or the grid
+        (memory grows with the steps). By default sampling runs under torch.no_grad().
     """
     if not isinstance(sde, VPSDE):
         raise TypeError(f"sde={sde!r}: expected a scoresde.VPSDE")
@@ -143,11 +196,13 @@ def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", ste
         raise TypeError(f"model={model!r}: expected a Denoiser or a callable model(x, t) -> eps")
     if callback is not None and not callable(callback):
         raise TypeError(f"callback={callback!r}: expected a callable callback(i, t, x) or None")
-    for name, flag in (("final_denoise", final_denoise), ("progress", progress), ("return_info", return_info)):
+    for name, flag in (("final_denoise", final_denoise), ("progress", progress), ("return_info", return_info),
+                       ("grad", grad)):
         check_flag(name, flag)
     spec = _solver(solver)
     _check_options(spec, options)
     times = _time_grid(spec, sde, steps, grid, t_end)
+    t_host = times.tolist()  # sync: none, the grid lives on the CPU
     if noise is None:
         noise = GaussianNoise(generator)
     elif generator is not None:
@@ -163,21 +218,24 @@ def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", ste
     if spec.adaptive and x.device.type == "meta":
         raise ValueError(f"device=meta (of x_T or device=): solver {spec.name!r} is adaptive: its step control "
                          "reads the state on the host, and a meta tensor holds no values; use a fixed-step solver")
+    if callable(getattr(noise, "check", None)):
+        noise.check(tuple(x.shape), t_host[0], t_host[-1])
+    _check_resolved(sde, times, x.dtype)
 
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sde)
     total = None if spec.adaptive else (len(times) - 1) * spec.nfe_per_step + final_denoise
     run = ModelRun(denoiser, sde, progress=progress, total=total)
-    t_host = times.tolist()  # sync: none, the grid lives on the CPU
 
     def on_step(i, x_now):
         run.step = i + 1
         if callback is not None:
             callback(i, t_host[i + 1], x_now)
 
-    x = spec.fn(run, x, times, noise=noise, callback=on_step, **options)
-    if final_denoise:
-        alpha, sigma = sde.alpha_sigma(times[-1])
-        x = eps_to_x0(x, run(x, t_host[-1]), float(alpha), float(sigma))
+    with torch.set_grad_enabled(grad):
+        x = spec.fn(run, x, times, noise=noise, callback=on_step, **options)
+        if final_denoise:
+            alpha, sigma = sde.alpha_sigma(times[-1])
+            x = eps_to_x0(x, run(x, t_host[-1]), float(alpha), float(sigma))
     run.check_finite()
     if return_info:
         return x, SampleInfo(run.nfe, spec.name, None if spec.adaptive else len(times) - 1, times)

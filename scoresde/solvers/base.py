@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from .._util import check_count, check_flag, per_sample
+from .._util import check_count, check_flag, check_number, check_shape, per_sample
 from ..grids import GRIDS
 from ..prediction import Denoiser
 
@@ -169,11 +169,17 @@ class GaussianNoise:
             raise TypeError(f"generator={generator!r}: expected a torch.Generator, a list of them, or None")
         self.generator = generator
 
+    def check(self, shape: tuple, t_start: float, t_end: float):
+        """Refuse, before any work, a run this source cannot serve: a list of generators of another
+        length than the batch. (The times are for sources that cover a span, see BrownianNoise.)"""
+        g = self.generator
+        if isinstance(g, (list, tuple)) and len(g) != shape[0]:
+            raise ValueError(f"generator: a list of {len(g)} generators for a batch of {shape[0]}")
+
     def draw(self, shape, dtype, device) -> torch.Tensor:
         g = self.generator
         if isinstance(g, (list, tuple)):
-            if len(g) != shape[0]:
-                raise ValueError(f"generator: a list of {len(g)} generators for a batch of {shape[0]}")
+            self.check(shape, 0.0, 0.0)
             return torch.stack([self._one(shape[1:], gi, dtype, device) for gi in g])
         return self._one(shape, g, dtype, device)
 
@@ -198,17 +204,36 @@ class BrownianNoise(GaussianNoise):
     cache_size: how many of the path's pieces torchsde keeps (each of the batch's size; None: all).
     Its default 45 suits one step for the batch; per-sample steps touch a piece per sample at each
     step, and a cache of several times the batch size (or None) spares recomputing them.
+    seed: seeds the path and x_T (when `sample` draws it), so one seed gives one run, every time.
+    levy_area: keep the path's space-time Levy area too, which torchsde's "srk" method needs.
     """
 
     def __init__(self, shape, t0: float, t1: float, *, seed: int = 0, dtype=torch.float32, device=None,
-                 cache_size: int | None = 45):
+                 cache_size: int | None = 45, levy_area: bool = False):
         import torchsde
 
         super().__init__(None)
-        self.shape = tuple(shape)
+        self.shape = check_shape("shape", shape)
+        self.seed = check_count("seed", seed, minimum=0, maximum=2**63 - 1)
+        lo, hi = check_number("t0", t0, low=0.0), check_number("t1", t1, low=0.0)
+        self.t_min, self.t_max = min(lo, hi), max(lo, hi)
         self.path = torchsde.BrownianInterval(
-            t0=min(t0, t1), t1=max(t0, t1), size=(self.shape[0], int(torch.Size(self.shape[1:]).numel())),
-            dtype=dtype, device=device, entropy=seed, cache_size=cache_size)
+            t0=self.t_min, t1=self.t_max, size=(self.shape[0], int(torch.Size(self.shape[1:]).numel())),
+            dtype=dtype, device=device, entropy=self.seed, cache_size=cache_size,
+            levy_area_approximation="space-time" if check_flag("levy_area", levy_area) else "none")
+
+    def check(self, shape: tuple, t_start: float, t_end: float):
+        """Refuse a run that this path cannot drive: another shape, or times outside the path."""
+        if tuple(shape) != self.shape:
+            raise ValueError(f"noise: a BrownianNoise of shape {self.shape} for samples of shape {tuple(shape)}")
+        if not self.t_min <= t_end < t_start <= self.t_max:
+            raise ValueError(f"noise: the BrownianNoise path covers t in [{self.t_min:g}, {self.t_max:g}], the run "
+                             f"goes from t={t_start:g} to t={t_end:g}")
+
+    def draw(self, shape, dtype, device) -> torch.Tensor:
+        """x_T, seeded by `seed` alone: every run on this path starts from the same x_T (coupled runs
+        compare their solvers, not their starts)."""
+        return self._one(shape, torch.Generator().manual_seed(self.seed), dtype, device)
 
     def __call__(self, like, t0, t1):
         if isinstance(t0, torch.Tensor) and t0.ndim == 1:  # per-sample steps

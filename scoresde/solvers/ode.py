@@ -129,6 +129,9 @@ def dopri5(model, x, times, *, noise, callback, rtol: float = 1e-5, atol: float 
         raise ValueError(f"method={method!r}: expected one of torchdiffeq's adaptive methods "
                          f"{TORCHDIFFEQ_ADAPTIVE}; for fixed steps use solver='euler', 'heun' or 'rk4'")
     rtol, atol = check_tolerances(rtol, atol)
+    if x.dtype == torch.float16:  # torchdiffeq's step-size selection overflows float16 (t becomes NaN)
+        raise ValueError("dtype=torch.float16: solver 'dopri5' (torchdiffeq) cannot control its steps in float16; "
+                         "use float32 or bfloat16, or a fixed-step solver")
     sde, velocity = model.sde, _velocity(model)
     lam_span = sde.log_snr(times[[0, -1]])
     alpha = host_floats(sde.alpha(times[[0, -1]]))
@@ -152,6 +155,9 @@ def rk45(model, x, times, *, noise, callback, rtol: float = 1e-5, atol: float = 
     if not isinstance(method, str) or method not in SCIPY_METHODS:
         raise ValueError(f"method={method!r}: expected one of solve_ivp's methods {SCIPY_METHODS}")
     rtol, atol = check_tolerances(rtol, atol)
+    if torch.is_grad_enabled():
+        raise ValueError("grad=True: solver 'rk45' integrates in numpy (scipy), through which no gradient flows; "
+                         "use solver='dopri5' or a fixed-step solver")
     sde, velocity = model.sde, _velocity(model)
     lam_span = host_floats(sde.log_snr(times[[0, -1]]))
     alpha = host_floats(sde.alpha(times[[0, -1]]))

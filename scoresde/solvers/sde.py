@@ -8,7 +8,7 @@ import torch
 import torchsde
 
 from .._util import F64, host_floats
-from .base import register
+from .base import BrownianNoise, register
 
 
 @register("euler_maruyama", grid="log_snr", stochastic=True)
@@ -83,6 +83,31 @@ class _BrownianSteps(torchsde.BaseBrownian):
         return "space-time"
 
 
+class _ReversedPath(_BrownianSteps):
+    """A BrownianNoise path, queried in torchsde's time u = t_start - t: the increment over [ua, ub]
+    is the path's over [t_start - ub, t_start - ua], as euler_maruyama takes it, so both solvers see
+    one path. Reversing time keeps W and turns U = int (W_s - W_a) ds into h W - U."""
+
+    def __init__(self, noise: BrownianNoise, like: torch.Tensor, t_start: float):
+        super().__init__(noise, like, 0.0)
+        self._path, self._t_start = noise.path, t_start
+
+    def __call__(self, ta, tb=None, return_U=False, return_A=False):
+        ua, ub = float(ta), float(tb if tb is not None else ta)  # sync: torchsde's times are tensors
+        if return_A:
+            raise RuntimeError("torchsde bridge: the Brownian path gives no Levy area A, only U")
+        lo, hi = self._t_start - ub, self._t_start - ua
+        found = self._path(lo, hi, return_U=return_U)
+        if not return_U:
+            return found.to(self.dtype)
+        W, U = found
+        return W.to(self.dtype), ((hi - lo) * W - U).to(self.dtype)
+
+    @property
+    def levy_area_approximation(self):
+        return self._path.levy_area_approximation
+
+
 class _ReverseSDE(torch.nn.Module):
     """The reverse SDE in u = T - t (torchsde integrates forwards), on flattened states.
     The noise is additive, so the Ito and Stratonovich forms coincide."""
@@ -121,9 +146,13 @@ class _ReverseSDE(torch.nn.Module):
 def torchsde_solver(model, x, times, *, noise, callback, method: str = "euler"):
     """Any torchsde method on the reverse SDE with a uniform step dt = (T - t_end)/steps, its Brownian
     increments drawn step by step from the generator (the same seed gives the same samples; with one
-    generator per sample, a sample does not depend on its batch)."""
+    generator per sample, a sample does not depend on its batch), or taken from a BrownianNoise path."""
     if not isinstance(method, str) or method not in TORCHSDE_METHODS:
         raise ValueError(f"method={method!r}: expected one of {TORCHSDE_METHODS}")
+    on_path = isinstance(noise, BrownianNoise)
+    if on_path and method == "srk" and noise.path.levy_area_approximation != "space-time":
+        raise ValueError("noise: method='srk' needs the path's space-time Levy area: "
+                         "BrownianNoise(..., levy_area=True)")
     if x.device.type == "meta":
         raise ValueError("device=meta (of x_T or device=): solver 'torchsde' reads the state on the host; a meta "
                          "tensor holds no values: use a fixed-step solver")
@@ -136,7 +165,7 @@ def torchsde_solver(model, x, times, *, noise, callback, method: str = "euler"):
     sde_type = "stratonovich" if method in STRATONOVICH_ONLY else "ito"
     flat = x.reshape(x.shape[0], -1)
     ts = torch.tensor([0.0, span], dtype=torch.float64, device=x.device)
-    bm = _BrownianSteps(noise, flat, 0.0)
+    bm = _ReversedPath(noise, flat, t_host[0]) if on_path else _BrownianSteps(noise, flat, 0.0)
     func = _ReverseSDE(model, x.shape, t_host[0], sde_type)
     # A hair over span/steps, so that `steps` additions of dt reach the end (torchsde clips the
     # last step to it) instead of falling 1e-16 short and taking one more, tiny, step.

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 
 from .. import nn as networks
-from .._util import MAX_SEED, check_count, check_device, check_flag, check_number
+from .._util import MAX_SAMPLING_STEPS, MAX_SEED, check_count, check_device, check_flag, check_number
 from ..sde import VPSDE
 from .objective import Objective
 
@@ -94,7 +94,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "sample_every", "ckpt_every", "keep",
                      "sample_n", "max_nan_steps"):
             check_count(name, getattr(self, name), maximum=None)
-        check_count("sample_steps", self.sample_steps)
+        check_count("sample_steps", self.sample_steps, maximum=MAX_SAMPLING_STEPS)
         check_count("warmup", self.warmup, minimum=0, maximum=None)
         check_count("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if self.batch_size % self.grad_accum:

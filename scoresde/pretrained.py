@@ -1,22 +1,43 @@
 """Load a trained model for sampling: the shipped digits model, or a checkpoint of ours."""
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-from .prediction import Denoiser
+from .prediction import PREDICTIONS, Denoiser
 from .sde import VPSDE
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "digits"
 
 
+class _Missing:
+    """An absent config field, as a message shows it."""
+
+    def __repr__(self):
+        return "(missing)"
+
+
+_MISSING = _Missing()
+
+
 @dataclass
 class Pretrained:
-    """A network ready to sample: its Denoiser, schedule, sample shape and data units."""
+    """A network ready to sample: its Denoiser, schedule, sample shape and data units.
+
+    Attributes:
+        denoiser: the network as a `Denoiser` (eps, x0, v or score prediction).
+        sde: the VP-SDE it was trained on.
+        sample_shape: the shape of one sample, e.g. (1, 8, 8) for the digits, (2,) for a toy set.
+        config: the config.json it was loaded with (architecture, schedule, prediction, data).
+        path: the weights file or checkpoint directory it was loaded from.
+    """
 
     denoiser: Denoiser
     sde: VPSDE
@@ -24,16 +45,53 @@ class Pretrained:
     config: dict
     path: Path
 
-    def to_data_units(self, x: torch.Tensor) -> torch.Tensor:
-        """Model units back to the data set's own (the digits' 0..16, 8-bit images' 0..255, a toy
-        set's coordinates): the affine map the checkpoint recorded."""
-        from .train.data import Affine
+    def to_data_units(self, x: torch.Tensor, clip: bool = True) -> torch.Tensor:
+        """Samples in model units mapped back to the data set's own units.
 
-        units = self.config["data"].get("units", {"scale": 1.0, "shift": 0.0})
-        return Affine(*(tuple(v) if isinstance(v, list) else v for v in (units["scale"], units["shift"])))(x)
+        The map is the affine one the checkpoint recorded (`config["data"]["units"]`: x * scale +
+        shift, a scale or shift per channel where it is a list): the digits' 0..16, 8-bit images'
+        0..255, a toy set's coordinates.
+
+        Args:
+            x: samples in model units, shape (..., *sample_shape).
+            clip: for image data (a 3-D sample shape and a `data_range` in the config), clamp the
+                result to `data_range`: a sampler overshoots [-1, 1] a little, and pixels outside
+                the data's range do not exist. `clip=False` gives the raw affine values. Other data
+                (toy 2-D sets) is never clipped: its `data_range` is only the range observed in
+                the training set, not a bound that samples must respect.
+
+        Returns:
+            A tensor of x's shape and dtype.
+
+        Raises:
+            TypeError: x is not a floating tensor.
+            ValueError: x's trailing dimensions are not `sample_shape`.
+        """
+        shape = tuple(self.sample_shape)
+        dims = ", ".join(map(str, shape))
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"x: expected a floating tensor of shape (batch, {dims}) in model units, got {got}")
+        if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape):]) != shape:
+            raise ValueError(f"x: expected shape (..., {dims}) (the model's sample_shape), "
+                             f"got {tuple(x.shape)}")
+        data = self.config.get("data", {})
+        units = data.get("units", {"scale": 1.0, "shift": 0.0})
+        y = x * self._per_channel(units["scale"], x) + self._per_channel(units["shift"], x)
+        if clip and len(shape) == 3 and data.get("data_range") is not None:
+            low, high = data["data_range"]
+            y = y.clamp(low, high)
+        return y
+
+    def _per_channel(self, value, x: torch.Tensor) -> torch.Tensor:
+        """A number, or a list over channels (the first axis of a sample, the last for 1-D samples)
+        shaped to broadcast over the sample's other axes."""
+        value = torch.as_tensor(value, dtype=x.dtype, device=x.device)
+        return value.reshape(-1, *[1] * (len(self.sample_shape) - 1)) if value.ndim else value
 
 
 def sde_from_config(schedule: dict) -> VPSDE:
+    """The VP-SDE a stored `schedule` config describes (linear or cosine)."""
     kind = schedule.get("schedule")
     if kind == "linear":
         return VPSDE.linear(schedule["beta_min"], schedule["beta_max"])
@@ -42,39 +100,188 @@ def sde_from_config(schedule: dict) -> VPSDE:
     raise ValueError(f"schedule {schedule!r}: expected a 'linear' or 'cosine' schedule")
 
 
+# ---- checking a config.json before anything is built ------------------------------------------------
+def _require(config_path: Path, field: str, value, ok: bool, allowed: str):
+    """Refuse a config field that is not `ok`: the file, the field, its value and what is allowed."""
+    from .train.checkpoint import CheckpointError
+
+    if not ok:
+        raise CheckpointError(f"{config_path}: {field}={value!r}: expected {allowed}")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _units_ok(value, channels: int, nonzero: bool) -> bool:
+    """A finite number, or a list of one per channel; a scale of 0 would send every sample to the
+    shift."""
+    if isinstance(value, list) and len(value) != channels:
+        return False
+    return all(_finite(v) and (v != 0 or not nonzero) for v in (value if isinstance(value, list) else [value]))
+
+
+def _check_data(config_path: Path, config: dict) -> tuple:
+    """`config["data"]`: sample_shape, units and data_range; returns the sample shape."""
+    data = config.get("data", _MISSING)
+    _require(config_path, "data", data, isinstance(data, dict),
+             'an object with "sample_shape" and "units"')
+    shape = data.get("sample_shape", _MISSING)
+    _require(config_path, "data.sample_shape", shape,
+             isinstance(shape, list) and len(shape) > 0
+             and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape),
+             "a non-empty list of ints >= 1 (e.g. [1, 8, 8] or [2])")
+    units = data.get("units", _MISSING)
+    _require(config_path, "data.units", units, isinstance(units, dict),
+             'an object {"scale": ..., "shift": ...} (data units = model units * scale + shift)')
+    for key in ("scale", "shift"):
+        value, nonzero = units.get(key, _MISSING), key == "scale"
+        _require(config_path, f"data.units.{key}", value, _units_ok(value, shape[0], nonzero),
+                 f"a finite{' nonzero' if nonzero else ''} number or a list of {shape[0]} of them "
+                 f"(one per channel: sample_shape[0] = {shape[0]})")
+    if "data_range" in data:
+        span = data["data_range"]
+        _require(config_path, "data.data_range", span,
+                 isinstance(span, list) and len(span) == 2 and all(map(_finite, span)) and span[0] < span[1],
+                 "two finite numbers [low, high] with low < high")
+    return tuple(shape)
+
+
+def _input_shape(arch: dict) -> list | None:
+    """The sample shape a network of ours takes, from its (complete) config."""
+    if arch["architecture"] == "UNet":
+        return [arch["in_channels"], arch["image_size"], arch["image_size"]]
+    if arch["architecture"] == "MLP":
+        return [arch["dim"]]
+    return None
+
+
+class _NoRandomFills(TorchFunctionMode):
+    """For building a skeleton inside `torch.device("meta")`: a random fill of a meta tensor (an
+    Embedding's normal_, Fourier features' randn) gives an unfilled one. Only names and shapes are
+    wanted, and torch computes a meta random fill through its compiler stack, whose first import
+    takes seconds."""
+
+    _FILLS = frozenset({"normal_", "uniform_", "random_", "bernoulli_", "exponential_", "cauchy_",
+                        "log_normal_", "geometric_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        target = next(iter((*args, *kwargs.values())), None)  # the tensor filled (nn.init passes tensor=)
+        if getattr(func, "__name__", "") in self._FILLS and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        if func in (torch.randn, torch.rand):
+            kwargs.pop("generator", None)
+            return torch.empty(*args, **kwargs)  # on the device the enclosing torch.device names
+        return func(*args, **kwargs)
+
+
+# Where a network's size fields show in its weights: field -> (tensor, axis). It lets a mismatch
+# name the config field that disagrees (an edited `hidden`), not only the tensors that differ.
+_SIZE_FIELDS = {
+    "MLP": {"dim": ("inp.weight", 1), "hidden": ("inp.weight", 0)},
+    "UNet": {"in_channels": ("conv_in.weight", 1), "base_channels": ("conv_in.weight", 0),
+             "out_channels": ("conv_out.weight", 0)},
+}
+
+
+def _misfit(skeleton: torch.nn.Module, state: dict) -> list[str]:
+    """How the weights differ from what the (meta-device) network expects, first the fields of
+    the architecture that disagree; empty if every name and shape matches."""
+    arch = skeleton.config
+    wanted = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    have = {name: tuple(t.shape) for name, t in state.items()}
+    problems = [f"architecture.{field}={arch[field]!r}, but the weights were made with {have[name][axis]} "
+                f"({name} has shape {list(have[name])})"
+                for field, (name, axis) in _SIZE_FIELDS.get(arch["architecture"], {}).items()
+                if len(have.get(name, ())) > axis and have[name][axis] != arch[field]]
+    lists = (("size mismatch for", [f"{n} ({list(have[n])} in the weights, {list(wanted[n])} in the network)"
+                                     for n in wanted if n in have and have[n] != wanted[n]]),
+             ("missing from the weights:", [n for n in wanted if n not in have]),
+             ("in the weights but not in the network:", [n for n in have if n not in wanted]))
+    for what, names in lists:
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            problems.append(f"{what} {', '.join(names[:3])}{more}")
+    return problems
+
+
 def load_model(path=None, *, device="cpu", ema: bool = True) -> Pretrained:
-    """The network at `path` (a checkpoint directory or run folder of ours, or a model.safetensors
-    with its config.json), by default the shipped digits model, with its EMA weights if saved."""
+    """A trained network ready to sample.
+
+    The files are verified first (a checkpoint against its manifest, an exported model against the
+    digest in its config.json), then the config is checked against the weights before any memory
+    is spent on the network: the network is built on the meta device, and every parameter's name
+    and shape compared with the weights'.
+
+    Args:
+        path: a checkpoint directory or run folder of ours, an exported model (a folder with
+            model.safetensors and config.json, or that model.safetensors); by default the shipped
+            digits model.
+        device: where the network goes.
+        ema: use the EMA weights where the checkpoint has them.
+
+    Returns:
+        A `Pretrained`.
+
+    Raises:
+        CheckpointError: a file is missing, damaged, not verifiable, or not ours; or config.json
+            describes another network than the weights, or holds a field out of range. The
+            message names the file and the field.
+    """
     from . import nn as networks
     from .train import checkpoint as ckpt
 
-    path = Path(path) if path is not None else DEFAULT_MODEL / "model.safetensors"
-    if path.is_dir() and (path / "model.safetensors").exists() and not (path / "manifest.json").exists():
-        path = path / "model.safetensors"  # an exported model: weights and config only
-    found = ckpt.load_checkpoint(path, map_location=device)
-    config = found.config
-    # A config that is not ours, or weights of another network: an error naming the files.
+    found = ckpt.load_checkpoint(path if path is not None else DEFAULT_MODEL, map_location=device)
+    config, config_path = found.config, found.config_path
+    state = found.ema_state if ema and found.ema_state else found.model_state
+    sample_shape = _check_data(config_path, config)
+    prediction = config.get("prediction", "eps")
+    _require(config_path, "prediction", prediction, prediction in PREDICTIONS, f"one of {PREDICTIONS}")
+    # A config that is not ours: an error naming the file.
     try:
-        net = networks.build_network(config["architecture"])
+        with torch.device("meta"), _NoRandomFills():  # shapes only: a hand-edited size allocates nothing
+            skeleton = networks.build_network(config["architecture"])
         sde = sde_from_config(config["schedule"])
-        denoiser = Denoiser(net, sde, prediction=config.get("prediction", "eps"))
-        sample_shape = tuple(config["data"]["sample_shape"])
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         what = f"no {e} entry" if isinstance(e, KeyError) else str(e)
-        raise ckpt.CheckpointError(f"{found.config_path}: not a model config of scoresde ({what})") from None
+        raise ckpt.CheckpointError(f"{config_path}: not a model config of scoresde ({what})") from None
+    problems = _misfit(skeleton, state)
+    if problems:
+        raise ckpt.CheckpointError(f"{found.path}: the weights do not fit the network described in "
+                                   f"{config_path}: {'; '.join(problems)}")
+    expected = _input_shape(skeleton.config)
+    _require(config_path, "data.sample_shape", list(sample_shape), expected in (None, list(sample_shape)),
+             f"{expected}, the shape the network in architecture takes")
+    # Built for real only now that its size is the weights' size (and built, not materialised
+    # from the skeleton, so that anything not in the state dict is initialised as usual).
+    net = networks.build_network(config["architecture"])
     try:
-        net.load_state_dict(found.ema_state if ema and found.ema_state else found.model_state)
+        net.load_state_dict(state)
     except RuntimeError as e:
         raise ckpt.CheckpointError(f"{found.path}: the weights do not fit the network described in "
-                                   f"{found.config_path}: {e}") from None
+                                   f"{config_path}: {e}") from None
     net.to(device).eval()
-    return Pretrained(denoiser, sde, sample_shape, config, found.path)
+    return Pretrained(Denoiser(net, sde, prediction=prediction), sde, sample_shape, config, found.path)
 
 
 def export_model(checkpoint_path, out_dir) -> Path:
-    """Write a checkpoint's EMA weights and config as `out_dir/model.safetensors` + `config.json`:
-    what ships in scoresde/assets."""
-    from safetensors.torch import save_file
+    """Write a checkpoint's weights and config as an exported model: what ships in scoresde/assets.
+
+    `out_dir/model.safetensors` holds the EMA weights (the model's if there are none);
+    `out_dir/config.json` the architecture, schedule, prediction and data units, where the model
+    came from, and `"weights": {"file", "size", "sha256"}`, which `load_model` verifies the
+    weights against. Each file is replaced atomically, the weights first.
+
+    Args:
+        checkpoint_path: anything `load_checkpoint` loads (a checkpoint, a run folder, an
+            exported model).
+        out_dir: the folder to write (created if needed).
+
+    Returns:
+        `out_dir` as a Path.
+    """
+    import safetensors.torch
 
     from .train import checkpoint as ckpt
 
@@ -82,9 +289,11 @@ def export_model(checkpoint_path, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = found.ema_state or found.model_state
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(out / "model.safetensors"),
-              metadata={"step": str(found.step)})
+    data = safetensors.torch.save({k: v.contiguous() for k, v in weights.items()},
+                                  metadata={"step": str(found.step)})
     config = {key: found.config[key] for key in ("architecture", "schedule", "prediction", "data")}
+    config["weights"] = {"file": ckpt.MODEL, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     config["source"] = {"checkpoint": str(found.path), "step": found.step, "train": found.config.get("train")}
-    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    ckpt.write_atomic(out / ckpt.MODEL, data)
+    ckpt.write_atomic(out / ckpt.CONFIG, (json.dumps(config, indent=1) + "\n").encode())
     return out

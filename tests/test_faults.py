@@ -205,12 +205,19 @@ def _edit_config(path, edit):
     path.write_text(json.dumps(config))
 
 
+def _replace_exported_weights(folder, data):
+    """New weights with the digest in config.json updated to match, as someone with write access could."""
+    (folder / "model.safetensors").write_bytes(data)
+    digest = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _edit_config(folder / "config.json", lambda c: c["weights"].update(digest))
+
+
 @pytest.mark.parametrize("where, damage, names, match", [
     ("run", lambda d: _truncate(d / "step_00000002" / "model.safetensors"), "model.safetensors", "truncated"),
     ("run", lambda d: _flip(d / "step_00000002" / "ema.safetensors"), "ema.safetensors", "corrupted"),
     ("run", lambda d: _flip(d / "step_00000002" / "config.json"), "config.json", "corrupted"),
-    ("exported", lambda d: _truncate(d / "model.safetensors"), "model.safetensors", "not a readable safetensors"),
-    ("exported", lambda d: (d / "model.safetensors").write_bytes(b"\x10" + bytes(40)), "model.safetensors",
+    ("exported", lambda d: _truncate(d / "model.safetensors"), "model.safetensors", "truncated"),
+    ("exported", lambda d: _replace_exported_weights(d, b"\x10" + bytes(40)), "model.safetensors",
      "not a readable safetensors"),
     ("exported", lambda d: _edit_config(d / "config.json", lambda c: c["architecture"].update(hidden=64)),
      "model.safetensors", r"do not fit the network described in \S*config.json[\s\S]*size mismatch"),

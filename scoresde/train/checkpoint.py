@@ -14,7 +14,9 @@ directory, fsyncs every file, renames the directory into place and only then rep
 (each rename atomic), so a process killed at any moment leaves the previous checkpoint loadable;
 a save that fails (a full disk) removes what it wrote and leaves the earlier checkpoints and
 ``latest`` as they were. Loading verifies every file against the manifest, so a truncated or
-bit-flipped file is an error naming the file, never silent garbage.
+bit-flipped file is an error naming the file, never silent garbage. An exported model
+(``model.safetensors`` + ``config.json``, no manifest) is verified against the size and SHA-256
+its config.json records under ``"weights"``.
 
 One writer per root at a time (in a distributed run, rank 0 saves).
 """
@@ -61,11 +63,13 @@ __all__ = [
 FORMAT, VERSION = "scoresde.checkpoint", 1
 MODEL, EMA, CONFIG, STATE = "model.safetensors", "ema.safetensors", "config.json", "state.pt"
 MANIFEST, LATEST = "manifest.json", "latest"
+LOG = "log.jsonl"  # a training run's log, beside its step directories
 _REQUIRED = (MODEL, CONFIG, STATE)
 _STEP_DIR = re.compile(r"step_(\d+)")
 _LEFTOVER = re.compile(r"\.step_(\d+)\.(tmp|old)-[0-9a-f]+")  # a crashed save's directories
 _TRASH = re.compile(r"\.(step_\d+\.(tmp|old|del)|latest\.tmp)-[0-9a-f]+")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 26  # bytes per os.write call
 
 
@@ -382,8 +386,9 @@ def _read_manifest(directory: Path) -> dict:
     return manifest
 
 
-def _read_verified(path: Path, entry: dict) -> bytes:
-    """The file's bytes, after checking its size and SHA-256 against the manifest entry."""
+def _read_verified(path: Path, entry: dict, source: str = "the manifest") -> bytes:
+    """The file's bytes, after checking its size and SHA-256 against `entry` (from `source`: the
+    manifest, or an exported model's config.json)."""
     data = _read_bytes(path)
     if len(data) != entry["size"]:
         what = "truncated" if len(data) < entry["size"] else "longer than written"
@@ -391,7 +396,7 @@ def _read_verified(path: Path, entry: dict) -> bytes:
                               f"the file is {what}")
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
-        raise CheckpointError(f"{path}: SHA-256 {digest[:16]}... does not match the manifest's "
+        raise CheckpointError(f"{path}: SHA-256 {digest[:16]}... does not match {source}'s "
                               f"{entry['sha256'][:16]}...: the file is corrupted")
     return data
 
@@ -447,21 +452,73 @@ def _load_dir(directory: Path, device: torch.device) -> Checkpoint:
         state=_parse_state(directory / STATE, data[STATE]))
 
 
+def _run_traces(directory: Path) -> list[str]:
+    """What in `directory` only a checkpoint or a run folder holds (an exported model has none of it)."""
+    names = [name for name in (STATE, EMA, LOG, LATEST) if (directory / name).exists()]
+    steps = sorted(p.name for p in directory.iterdir()
+                   if _STEP_DIR.fullmatch(p.name) or _LEFTOVER.fullmatch(p.name))
+    return names + steps[:3] + ([f"... ({len(steps)} step folders)"] if len(steps) > 3 else [])
+
+
+def _weights_digest(config_path: Path, config: dict, weights: Path) -> dict:
+    """The size and SHA-256 that an exported model's config.json records for its weights."""
+    entry = config.get("weights")
+    if entry is None:
+        raise CheckpointError(
+            f"{config_path}: no \"weights\" digest, so {weights.name} cannot be verified and is not "
+            f"loaded. Re-export the model from its checkpoint (scoresde export CHECKPOINT OUT), or add "
+            f"\"weights\": {{\"file\": \"{weights.name}\", \"size\": <bytes>, \"sha256\": \"<hex digest>\"}} "
+            f"to {CONFIG}, computed from a copy you trust (e.g. with sha256sum)")
+    size, digest = (entry.get(key) if isinstance(entry, dict) else None for key in ("size", "sha256"))
+    if (isinstance(size, bool) or not isinstance(size, int) or size < 0
+            or not isinstance(digest, str) or not _SHA256.fullmatch(digest)):
+        raise CheckpointError(f"{config_path}: weights={entry!r}: expected {{\"file\": \"{weights.name}\", "
+                              "\"size\": bytes (an int >= 0), \"sha256\": 64 lowercase hex digits}")
+    if entry.get("file", weights.name) != weights.name:  # another file's digest: "corrupted" would mislead
+        raise CheckpointError(f"{config_path}: weights.file={entry['file']!r}: the digest is that file's, "
+                              f"not {weights.name}'s; load {entry['file']!r} or re-export the model")
+    return entry
+
+
+def _read_member(path: Path, config_path: Path) -> tuple[bytes, dict]:
+    """A weights file named inside a checkpoint directory, and its config: verified by the manifest."""
+    entries = _read_manifest(path.parent)["files"]
+    unlisted = [p.name for p in (path, config_path) if p.name not in entries]
+    if unlisted:
+        raise CheckpointError(f"{path.parent}: {', '.join(unlisted)} not in its {MANIFEST}: not part "
+                              "of the checkpoint, so it cannot be verified")
+    data, config = (_read_verified(p, entries[p.name]) for p in (path, config_path))
+    return data, _read_json(config_path, config)
+
+
+def _read_exported(path: Path, config_path: Path) -> tuple[bytes, dict]:
+    """An exported model's weights and config: verified by the digest the config records."""
+    # A checkpoint without its manifest has no digest to check against either: refuse it, naming
+    # the manifest, rather than take it for an exported model without one.
+    traces = _run_traces(path.parent)
+    if traces:
+        raise CheckpointError(
+            f"{path.parent}: {MANIFEST} is missing, but the folder holds a checkpoint's or a run's "
+            f"files ({', '.join(traces)}): its files cannot be verified, so it is not loaded (the save "
+            "did not finish or the manifest was deleted; load another checkpoint of the run, or "
+            "re-export the model with scoresde export)")
+    config = _read_json(config_path, _read_bytes(config_path))
+    return _read_verified(path, _weights_digest(config_path, config, path), source=str(config_path)), config
+
+
 def _load_weights_file(path: Path, device: torch.device) -> Checkpoint:
-    """A weights file alone (a shipped model): config.json beside it is required."""
+    """A weights file with config.json beside it, verified: inside a checkpoint directory against
+    its manifest, in an exported model against the digest its config.json records."""
     if path.suffix != ".safetensors":
         raise CheckpointError(f"{path}: expected a .safetensors weights file or a checkpoint "
                               "directory (pickle files such as .pt/.pth are not loaded as weights)")
     config_path = path.with_name(CONFIG)
     if not config_path.is_file():
         raise CheckpointError(f"{path}: the weights need their {CONFIG}, and {config_path} does not exist")
-    entries = {}
-    if (path.parent / MANIFEST).is_file():  # inside a checkpoint directory: verify what we read
-        entries = _read_manifest(path.parent)["files"]
-    data, config = (_read_verified(p, entries[p.name]) if p.name in entries else _read_bytes(p)
-                    for p in (path, config_path))
+    read = _read_member if (path.parent / MANIFEST).is_file() else _read_exported
+    data, config = read(path, config_path)
     return Checkpoint(path=path, step=_safetensors_step(data), model_state=_parse_tensors(path, data, device),
-                      ema_state=None, config=_read_json(config_path, config), state={})
+                      ema_state=None, config=config, state={})
 
 
 def _read_latest(root: Path) -> str | None:
@@ -527,8 +584,13 @@ def load_checkpoint(path, *, map_location="cpu") -> Checkpoint:
 
     `path` is one of: a checkpoint directory; a root of step directories (follows `latest`,
     falling back with a warning to the newest checkpoint that verifies); a `.safetensors` weights
-    file with `config.json` beside it, or a directory holding just those two (a shipped model:
-    `state` is {}, `ema_state` None, `step` the one recorded in the weights or None).
+    file with `config.json` beside it, or a directory holding just those two (an exported or
+    shipped model: `state` is {}, `ema_state` None, `step` the one recorded in the weights or None).
+    Every file read is verified: a checkpoint's against its manifest (also when one weights file
+    of it is named), an exported model's weights against the `"weights": {"size", "sha256"}` its
+    config.json records. A folder that holds a checkpoint's or a run's files (state.pt,
+    ema.safetensors, log.jsonl, latest, step directories) but no manifest is refused, and so is an
+    exported model whose config.json records no digest.
     Model and EMA tensors go to `map_location`; `state` stays on the CPU (optimizers move their
     state to the parameters' device in `load_state_dict`, and RNG states must be CPU tensors).
     Raises `CheckpointError` naming the file and what is wrong.

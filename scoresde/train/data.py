@@ -10,15 +10,18 @@ mixture stays the ground truth in model units. Every `Data` carries `to_data_uni
 map back to the data set's own units.
 
 Nothing is downloaded: digits ship with scikit-learn, the toy sets are generated, everything else
-is read from a local path. Pickled CIFAR-10 batches go through a restricted unpickler that can
-rebuild numpy arrays and nothing else.
+is read from a local path. Pickled CIFAR-10 batches go through a restricted unpickler that runs
+nothing and builds no numpy object: the one uint8 array is rebuilt from its checked bytes.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import pickle
+import pickletools
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -308,6 +311,192 @@ def _cifar_batches(folder: Path) -> list:
     return sorted(batches, key=lambda p: int(p.name[len("data_batch_"):]))
 
 
+# A batch is a pickle of {b'batch_label': bytes, b'labels': [int], b'data': uint8 array (N, 3072),
+# b'filenames': [bytes]}, written by Python 2's cPickle (protocol 2) from numpy 1. Loading a pickle
+# calls what it names, and numpy's array and dtype reconstruction trust their arguments: a crafted
+# dtype state makes an object array over raw bytes, a segfault once anything reads it. So nothing
+# numpy is built from the file. The unpickler turns numpy's calls into inert records of their
+# arguments, and _cifar_pixels rebuilds the one uint8 array from its bytes after checking them.
+
+_CIFAR_ROW = 3 * 32 * 32  # bytes per image: the red, green and blue planes, 32 x 32 each
+_CIFAR_KEYS = ("data", "labels", "filenames", "batch_label")
+# The opcodes of real batches, protocols 0-5 and Python 2 or 3: numbers, strings, tuples, lists,
+# dicts, the memo, globals, calls (REDUCE) and BUILD. No sets, floats, extensions or out-of-band buffers.
+_PICKLE_OPS = frozenset("""PROTO FRAME STOP MARK NONE NEWTRUE NEWFALSE INT BININT BININT1 BININT2 LONG
+    LONG1 LONG4 STRING BINSTRING SHORT_BINSTRING UNICODE BINUNICODE SHORT_BINUNICODE BINUNICODE8 BINBYTES
+    SHORT_BINBYTES BINBYTES8 BYTEARRAY8 EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_LIST LIST APPEND
+    APPENDS EMPTY_DICT DICT SETITEM SETITEMS PUT BINPUT LONG_BINPUT MEMOIZE GET BINGET LONG_BINGET
+    GLOBAL STACK_GLOBAL REDUCE BUILD""".split())
+_MEMO_PUT = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
+_MEMO_GET = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_OPCODES = {op.code.encode("latin1"): op for op in pickletools.opcodes}
+_MAX_TUPLE_DEPTH = 8  # real batches nest tuples two deep (a shape inside an array's state)
+# numpy's pickle of dtype('uint8'): dtype('u1', align=False, copy=True), then BUILD with its state
+# (version 3, byte order '|', no subarray, names or fields, elsize and alignment -1, no flags)
+_UINT8_ARGS = (("u1", 0, 1), ("|u1", 0, 1))
+_UINT8_STATE = (3, "|", None, None, None, -1, -1, 0)
+
+
+def _pickle_ops(blob: bytes):
+    """Yield (opcode info, argument, byte offset) for each opcode up to STOP, running nothing.
+
+    pickletools.genops, but refusing an opcode outside _PICKLE_OPS before reading its argument, and
+    leaving strings undecoded (_read_arg): genops decodes Python 2's quoted strings as ASCII, and
+    decoding the 30 MB of pixels a Python 3 protocol-2 pickle holds as text takes a second.
+    """
+    f = io.BytesIO(blob)
+    while True:
+        pos, code = f.tell(), f.read(1)
+        op = _OPCODES.get(code)
+        if not code:
+            raise pickle.UnpicklingError(f"the pickle ends at byte {pos}, before its STOP")
+        if op is None or op.name not in _PICKLE_OPS:
+            name = f"opcode {op.name}" if op is not None else f"byte {code!r}"
+            raise pickle.UnpicklingError(f"{name} at byte {pos} does not occur in CIFAR-10 batches")
+        yield op, _read_arg(f, op, len(blob)), pos
+        if op.name == "STOP":
+            return
+
+
+# struct formats of the length before a string argument, by pickletools' argument kinds
+_LENGTH_PREFIX = {pickletools.TAKEN_FROM_ARGUMENT1: "<B", pickletools.TAKEN_FROM_ARGUMENT4: "<i",
+                  pickletools.TAKEN_FROM_ARGUMENT4U: "<I", pickletools.TAKEN_FROM_ARGUMENT8U: "<Q"}
+
+
+def _read_arg(f: io.BytesIO, op, size: int):
+    """Read past `op`'s argument in `f` (of `size` bytes); returns it, or for a string its length."""
+    if op.arg is None:
+        return None
+    if op.name in ("STRING", "UNICODE"):  # protocol 0's strings: a line each
+        if not f.readline().endswith(b"\n"):
+            raise pickle.UnpicklingError(f"a {op.name} without its newline")
+        return None
+    prefix = _LENGTH_PREFIX.get(op.arg.n)
+    if prefix is None:  # numbers, memo keys, module and name lines: read and decoded by pickletools
+        return op.arg.reader(f)
+    head = f.read(struct.calcsize(prefix))
+    length = struct.unpack(prefix, head)[0] if len(head) == struct.calcsize(prefix) else -1
+    if not 0 <= length <= size - f.tell():
+        raise pickle.UnpicklingError(f"a truncated {op.name} argument at byte {f.tell()}")
+    f.seek(length, io.SEEK_CUR)
+    return length
+
+
+def _check_pickle_ops(blob: bytes) -> None:
+    """Refuse opcodes that real batches do not use, and tuples nested deeper than _MAX_TUPLE_DEPTH.
+
+    The opcodes are decoded, none is run. The depth limit guards CPython itself: hashing a dict
+    key of a million nested tuples recurses in C until the stack overflows. Depths are followed on
+    a simulated stack and memo, where the unpickler would hold the objects.
+
+    Raises:
+        pickle.UnpicklingError: an opcode outside _PICKLE_OPS, a stack underflow, or deep tuples.
+        ValueError: a truncated argument (from pickletools' readers).
+    """
+    stack, marks, memo = [], [], {}  # the tuple depth of each object; MARK positions; memo key -> depth
+    for op, arg, pos in _pickle_ops(blob):
+        if op.name in _MEMO_PUT:  # these leave the stack as it is
+            if len(stack) <= _floor(marks):
+                raise pickle.UnpicklingError(f"opcode {op.name} at byte {pos} with nothing to memoise")
+            memo[len(memo) if op.name == "MEMOIZE" else arg] = stack[-1]
+            continue
+        if op.name in _MEMO_GET and arg not in memo:
+            raise pickle.UnpicklingError(f"opcode {op.name} at byte {pos} reads memo key {arg}, never written")
+        if _apply_op(stack, marks, op, memo[arg] if op.name in _MEMO_GET else 0, pos) > _MAX_TUPLE_DEPTH:
+            raise pickle.UnpicklingError(f"tuples nested more than {_MAX_TUPLE_DEPTH} deep at byte {pos}")
+
+
+def _floor(marks: list) -> int:
+    """The lowest stack position an opcode may pop: just above the last MARK (as CPython's unpickler)."""
+    return marks[-1] if marks else 0
+
+
+def _apply_op(stack: list, marks: list, op, memo_depth: int, pos: int) -> int:
+    """Apply `op`'s stack effect (from pickletools' opcode table) to the simulated stack.
+
+    memo_depth is the depth of the memo entry a GET would push.
+
+    Returns:
+        The tuple depth of what `op` pushes: 0 when that is nothing, or no tuple.
+    """
+    before, popped = op.stack_before, []
+    if pickletools.markobject in before:  # pops the items down to the last MARK, then the ones below it
+        if not marks:
+            raise pickle.UnpicklingError(f"opcode {op.name} at byte {pos} without a MARK")
+        start = marks.pop()
+        popped, stack[start:] = stack[start:], []
+        before = before[:before.index(pickletools.markobject)]
+    start = len(stack) - len(before)
+    if start < _floor(marks):
+        raise pickle.UnpicklingError(f"opcode {op.name} at byte {pos} finds too few objects on the stack")
+    popped, stack[start:] = stack[start:] + popped, []
+    if pickletools.markobject in op.stack_after:  # MARK itself
+        marks.append(len(stack))
+        return 0
+    if op.name == "BUILD":  # BUILD leaves its object (popped[0]) on the stack
+        depth = popped[0]
+    elif op.stack_after == [pickletools.pytuple]:
+        depth = 1 + max(popped, default=0)
+    else:
+        depth = memo_depth if op.name in _MEMO_GET else 0
+    stack.extend([depth] * len(op.stack_after))
+    return depth
+
+
+class _Marker:
+    """A named placeholder: numpy.ndarray (which a pickle may pass to _reconstruct but never call)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_NDARRAY = _Marker("numpy.ndarray")
+_UNSET = _Marker("(none)")  # a record's state before BUILD
+_OTHER = _Marker("(other)")  # what _plain makes of anything that is not a plain number, text or tuple
+
+
+class _Record:
+    """An inert stand-in for the numpy object a pickle asks for: the call, its arguments, BUILD's state.
+
+    Attributes:
+        call: "numpy.dtype", "_reconstruct" (numpy's array pickle, protocols 0-4) or "_frombuffer"
+            (protocol 5).
+        args: the arguments the pickle passed, as they came.
+        state: what BUILD passed afterwards (numpy sets a dtype's byte order and an array's shape,
+            dtype and bytes this way), or _UNSET.
+    """
+
+    __slots__ = ("call", "args", "state")
+
+    def __init__(self, call: str, args: tuple):
+        self.call, self.args, self.state = call, args, _UNSET
+
+    def __setstate__(self, state):
+        # BUILD lands here (the class defines __setstate__), so it can only record, and only once
+        if self.state is not _UNSET:
+            raise pickle.UnpicklingError(f"refusing a second BUILD on {self.call}(...)")
+        self.state = state
+
+    def __repr__(self) -> str:
+        return _brief(self)
+
+
+def _recorder(call: str) -> Callable:
+    """What find_class returns for numpy's `call`: a function that records its arguments, builds nothing.
+
+    A plain function, not a class: NEWOBJ needs a class, and REDUCE may only call it.
+    """
+    def record(*args):
+        return _Record(call, args)
+
+    return record
+
+
 def _latin1_bytes(text, encoding="latin1"):
     """What Python 3 pickles (protocol < 3) use to rebuild bytes: _codecs.encode(text, 'latin1')."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -315,63 +504,203 @@ def _latin1_bytes(text, encoding="latin1"):
     return text.encode("latin1")
 
 
-def _numpy_globals() -> dict:
-    """The only globals a CIFAR batch needs: numpy's array and dtype reconstruction."""
-    try:
-        from numpy._core import multiarray, numeric
-    except ImportError:  # numpy < 2
-        from numpy.core import multiarray, numeric
-    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1_bytes}
+def _cifar_globals() -> dict:
+    """The globals a CIFAR batch names (numpy 1 and 2 spell the module two ways), and their stand-ins."""
+    allowed = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): _recorder("numpy.dtype"),
+               ("_codecs", "encode"): _latin1_bytes}
     for package in ("numpy.core", "numpy._core"):
-        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+        allowed[(f"{package}.multiarray", "_reconstruct")] = _recorder("_reconstruct")
+        allowed[(f"{package}.numeric", "_frombuffer")] = _recorder("_frombuffer")
     return allowed
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles builtin containers, strings, numbers and numpy arrays; refuses every other global.
+    """Unpickles builtin containers, strings and numbers; numpy's arrays and dtypes become _Records.
 
     A pickle can name any importable callable (os.system, say) and have it called while loading;
-    here `find_class` resolves only numpy's array and dtype reconstruction and raises for the rest.
+    here `find_class` resolves only the names a CIFAR batch uses, to stand-ins that build nothing,
+    and raises for the rest. Run _check_pickle_ops on the bytes first: it refuses what this class
+    cannot (tuples nested deep enough to crash CPython when hashed).
     """
 
-    _allowed = None
+    _allowed = _cifar_globals()
 
     def find_class(self, module, name):
-        if RestrictedUnpickler._allowed is None:
-            RestrictedUnpickler._allowed = _numpy_globals()
-        found = RestrictedUnpickler._allowed.get((module, name))
+        found = self._allowed.get((module, name))
         if found is None:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: only numpy array "
                                          "reconstruction is allowed in a CIFAR-10 batch")
         return found
 
 
-def _read_cifar_batch(path: Path):
-    """(uint8 (N, 3, 32, 32), int64 (N,)) from one CIFAR-10 python batch."""
+def _plain(value, depth: int = 0):
+    """`value` with bytes read as text and bools as ints, to compare with what numpy writes.
+
+    Python 2 batches hold b'u1' and 0 where Python 3 pickles hold 'u1' and False. Tuples are
+    mapped item by item; anything but None, int, str, bytes, bool and _NDARRAY becomes _OTHER.
+    """
+    kind = type(value)
+    if kind is tuple and depth < _MAX_TUPLE_DEPTH:
+        return tuple(_plain(v, depth + 1) for v in value)
+    if kind is bytes:
+        return value.decode("latin1")
+    if kind is bool:
+        return int(value)
+    if kind in (int, str) or value is None or value is _NDARRAY:
+        return value
+    return _OTHER
+
+
+def _brief(value, depth: int = 0) -> str:
+    """A short description of an unpickled value for an error message: never a long or deep repr."""
+    kind = type(value)
+    if kind in (str, bytes, bytearray):
+        return repr(value) if len(value) <= 32 else f"{kind.__name__} of length {len(value)}"
+    if kind is int:
+        return repr(value) if abs(value) < 10 ** 18 else "a large int"
+    if value is None or kind is bool:
+        return repr(value)
+    if kind is tuple:
+        if depth >= 3 or len(value) > 10:
+            return f"a tuple of {len(value)}"
+        items = [_brief(v, depth + 1) for v in value]
+        return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+    if kind is _Record:
+        if depth >= 2:  # its arguments would be cut short
+            return f"{value.call}(...)"
+        state = "" if value.state is _UNSET else f" with state {_brief(value.state, depth + 1)}"
+        return f"{value.call}{_brief(value.args, depth + 1)}{state}"
+    if kind is _Marker:
+        return value.name
+    if kind in (list, dict):
+        return f"a {kind.__name__} of {len(value)}"
+    return f"a {kind.__name__}"
+
+
+def _unpickle_cifar(path: Path):
+    """The object a batch file pickles, numpy's arrays and dtypes as _Records.
+
+    Raises:
+        ValueError: naming the file, for an unreadable file, bytes that are no pickle, or a pickle
+            that uses anything a CIFAR batch does not.
+    """
     try:
-        with open(path, "rb") as f:
-            batch = RestrictedUnpickler(f, encoding="bytes").load()
+        blob = path.read_bytes()
+        _check_pickle_ops(blob)
+        return RestrictedUnpickler(io.BytesIO(blob), encoding="bytes").load()
     except Exception as err:  # a corrupt pickle raises many types; no code runs in any case
         raise ValueError(f"{str(path)!r}: not a readable CIFAR-10 batch ({type(err).__name__}: {err})") from err
-    if not isinstance(batch, dict):
+
+
+def _cifar_fields(batch, path: Path) -> dict:
+    """{name: value} of a batch dict, with bytes keys read as text (Python 3 batches may use str).
+
+    Raises:
+        ValueError: not a dict, a key other than _CIFAR_KEYS (or one twice), no 'data' or 'labels'.
+    """
+    if type(batch) is not dict:
         raise ValueError(f"{str(path)!r}: expected a dict with 'data' and 'labels', got {type(batch).__name__}")
-    data, labels = _key(batch, "data", path), _key(batch, "labels", path)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{str(path)!r}: 'data' should be a uint8 array of shape (N, 3072), "
-                         f"got {getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
-    labels = np.asarray(labels)
-    if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer) \
-            or (labels.size and (labels.min() < 0 or labels.max() > 9)):
-        raise ValueError(f"{str(path)!r}: 'labels' should be {data.shape[0]} integers in 0..9")
-    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+    fields = {}
+    for key in batch:
+        name = key.decode("latin1") if type(key) is bytes else key
+        if type(name) is not str or name not in _CIFAR_KEYS or name in fields:
+            raise ValueError(f"{str(path)!r}: unexpected key {_brief(key)} in a CIFAR-10 batch; expected each of "
+                             f"{_CIFAR_KEYS} at most once")
+        fields[name] = batch[key]
+    for key in ("data", "labels"):
+        if key not in fields:
+            raise ValueError(f"{str(path)!r}: CIFAR-10 batch without {key!r}; keys are {sorted(map(repr, batch))}")
+    return fields
 
 
-def _key(batch: dict, key: str, path: Path):
-    for k in (key.encode(), key):
-        if k in batch:
-            return batch[k]
-    raise ValueError(f"{str(path)!r}: CIFAR-10 batch without {key!r}; keys are {sorted(map(repr, batch))}")
+def _cifar_pixels(value, path: Path) -> np.ndarray:
+    """The uint8 (N, 3072) array the 'data' record describes, rebuilt here from its bytes.
+
+    Raises:
+        ValueError: naming the file and what it holds, unless 'data' is a uint8 array of shape
+            (N, 3072) pickled the way numpy pickles one.
+    """
+    where = f"{str(path)!r}: 'data'"
+    if type(value) is not _Record or value.call == "numpy.dtype":
+        raise ValueError(f"{where} should be a uint8 array of shape (N, {_CIFAR_ROW}), got {_brief(value)}")
+    shape, dtype, raw = (_reconstruct_parts if value.call == "_reconstruct" else _frombuffer_parts)(value, where)
+    if type(dtype) is not _Record or dtype.call != "numpy.dtype" or _plain(dtype.args) not in _UINT8_ARGS \
+            or _plain(dtype.state) != _UINT8_STATE:
+        raise ValueError(f"{where} should have dtype uint8, got {_brief(dtype)}")
+    if type(raw) is str:  # numpy takes the bytes as latin-1 text too (Python 2 strings read as str)
+        try:
+            raw = raw.encode("latin1")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where} holds text beyond latin-1 where its bytes should be") from None
+    shaped = type(shape) is tuple and len(shape) == 2 and all(type(s) is int for s in shape) \
+        and shape[0] >= 0 and shape[1] == _CIFAR_ROW
+    if not shaped or len(raw) != shape[0] * _CIFAR_ROW:
+        raise ValueError(f"{where} should have shape (N, {_CIFAR_ROW}) and N * {_CIFAR_ROW} bytes, got shape "
+                         f"{_brief(shape)} and {len(raw)} bytes")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+
+
+def _reconstruct_parts(record: _Record, where: str) -> tuple:
+    """(shape, dtype, bytes) from numpy's pickle for protocols 0-4: _reconstruct(ndarray, (0,), b'b'),
+    then BUILD with (1, shape, dtype, is_fortran=False, bytes)."""
+    state = record.state
+    if _plain(record.args) != (_NDARRAY, (0,), "b") or type(state) is not tuple or len(state) != 5 \
+            or _plain(state[0]) != 1 or _plain(state[3]) != 0 or type(state[4]) not in (bytes, str):
+        raise ValueError(f"{where} is not an array as numpy pickles one: got {_brief(record)}")
+    return state[1], state[2], state[4]
+
+
+def _frombuffer_parts(record: _Record, where: str) -> tuple:
+    """(shape, dtype, bytes) from numpy's pickle for protocol 5: _frombuffer(bytes, dtype, shape, 'C')."""
+    args = record.args
+    if len(args) != 4 or type(args[0]) not in (bytes, bytearray) or _plain(args[3]) != "C" \
+            or record.state is not _UNSET:
+        raise ValueError(f"{where} is not an array as numpy pickles one: got {_brief(record)}")
+    return args[2], args[1], args[0]
+
+
+def _list_problem(value, count: int, ok: Callable) -> str | None:
+    """None if `value` is a list of `count` items that each pass `ok`; else what is wrong with it."""
+    if type(value) is not list:
+        return _brief(value)
+    if len(value) != count:
+        return f"a list of {len(value)}"
+    for i, item in enumerate(value):
+        if not ok(item):
+            return f"item {i} = {_brief(item)}"
+    return None
+
+
+def _cifar_labels(labels, count: int, path: Path) -> np.ndarray:
+    """int64 (count,) from the batch's list of class indices."""
+    problem = _list_problem(labels, count, lambda v: type(v) is int and 0 <= v <= 9)
+    if problem is not None:
+        raise ValueError(f"{str(path)!r}: 'labels' should be a list of {count} ints in 0..9, got {problem}")
+    return np.array(labels, dtype=np.int64)
+
+
+def _check_cifar_names(fields: dict, count: int, path: Path) -> None:
+    """'filenames' (count byte strings) and 'batch_label' (a byte string) go unused, but must be text."""
+    text = (bytes, str)  # str where a Python 3 user wrote the batch with str values
+    problem = _list_problem(fields["filenames"], count, lambda v: type(v) in text) if "filenames" in fields else None
+    if problem is not None:
+        raise ValueError(f"{str(path)!r}: 'filenames' should be a list of {count} byte strings, got {problem}")
+    if type(fields.get("batch_label", b"")) not in text:
+        raise ValueError(f"{str(path)!r}: 'batch_label' should be a byte string, got "
+                         f"{_brief(fields['batch_label'])}")
+
+
+def _read_cifar_batch(path: Path):
+    """(uint8 (N, 3, 32, 32), int64 (N,)) from one CIFAR-10 python batch.
+
+    Raises:
+        ValueError: naming the file and what was found, for anything but what real batches hold.
+    """
+    fields = _cifar_fields(_unpickle_cifar(path), path)
+    data = _cifar_pixels(fields["data"], path)
+    labels = _cifar_labels(fields["labels"], len(data), path)
+    _check_cifar_names(fields, len(data), path)
+    return data.reshape(-1, 3, 32, 32), labels
 
 
 def _load_cifar(folder: Path) -> Data:

@@ -287,6 +287,9 @@ def export_model(checkpoint_path, out_dir) -> Path:
 
     found = ckpt.load_checkpoint(checkpoint_path)
     out = Path(out_dir)
+    source = found.path if found.path.is_dir() else found.path.parent
+    if out.resolve() == source.resolve():  # it would rewrite the model it reads (the shipped one, say)
+        raise ValueError(f"out={str(out)!r} is the folder of the model being exported; choose another folder")
     out.mkdir(parents=True, exist_ok=True)
     weights = found.ema_state or found.model_state
     data = safetensors.torch.save({k: v.contiguous() for k, v in weights.items()},

@@ -296,3 +296,14 @@ def test_per_channel_units_apply_to_the_channel_axis():
         model.to_data_units(torch.ones(5, 2, 2, 3))
     with pytest.raises(TypeError, match="x: expected a floating tensor"):
         model.to_data_units(torch.ones(5, 3, 2, 2, dtype=torch.int64))
+
+
+def test_exporting_a_model_into_its_own_folder_is_refused(tmp_path):
+    """It would rewrite the model it reads: `scoresde export scoresde/assets/digits scoresde/assets/digits`
+    once rewrote the shipped config (a random command line of the fuzz tests can draw it)."""
+    shipped = tmp_path / "digits"
+    shutil.copytree(DEFAULT_MODEL, shipped)
+    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    with pytest.raises(ValueError, match=r"is the folder of the model being exported"):
+        export_model(shipped, shipped)
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,7 +207,8 @@ def _misfit(skeleton: torch.nn.Module, state: dict) -> list[str]:
     return problems
 
 
-def load_model(path=None, *, device="cpu", ema: bool = True) -> Pretrained:
+def load_model(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu",
+               ema: bool = True) -> Pretrained:
     """A trained network ready to sample.
 
     The files are verified first (a checkpoint against its manifest, an exported model against the

@@ -103,3 +103,15 @@ def test_every_public_name_has_an_api_entry():
     exported = [name for name in sd.__all__ if not isinstance(getattr(sd, name), type(sd))]  # not modules
     missing = [name for name in exported if not re.search(rf"\b{name}\b", directives)]
     assert not missing, f"exported by scoresde but absent from docs/api/scoresde.md: {missing}"
+
+
+def test_extra_javascript_is_vendored_not_fetched():
+    """Every script the site loads (MathJax included) is a file under docs/, not a URL: the math must
+    render offline, and a CDN entry must not come back unnoticed."""
+    scripts = yaml.safe_load((ROOT / "mkdocs.yml").read_text())["extra_javascript"]
+    paths = [s if isinstance(s, str) else s["path"] for s in scripts]
+    assert any("mathjax" in p.lower() or "tex-" in p for p in paths), paths
+    remote = [p for p in paths if re.match(r"^([a-z][a-z0-9+.-]*:)?//", p, re.I)]
+    assert not remote, f"extra_javascript loads from the network: {remote}"
+    missing = [p for p in paths if not (DOCS / p).is_file()]
+    assert not missing, f"extra_javascript entries missing from docs/: {missing}"

@@ -41,7 +41,7 @@ class Env:
                 env.peers[name] = importlib.import_module(name)
             except ImportError as err:
                 env.peers[name] = None
-                env.skipped[name] = f"cannot import it ({err}); pip install 'scoresde[bench]'"
+                env.skipped[name] = f"cannot import it ({err}); pip install -e \".[bench]\" from the repository root"
         return env
 
     @property

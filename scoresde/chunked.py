@@ -9,7 +9,9 @@ The folder holds ``manifest.json`` (the run's arguments, written first) and ``ch
 ``chunk_000001.npy``, ... (samples ``k * batch_size`` onwards), each written to a hidden temporary
 file, fsync'd and renamed into place when it is finished: a chunk visible under its name is
 complete. A rerun with the same arguments draws only the missing chunks; other arguments are
-refused, naming what differs.
+refused, naming what differs. One run writes to a folder at a time: `sample_to_disk` holds the
+folder's lock (the hidden file ``.lock``) from start to end, and a second writer is refused with
+`FolderLockedError`, naming the folder and the first writer's PID.
 
 Sample i is drawn with its own generator, seeded from (seed, i), so it is the same sample whatever
 the batch size, as long as the solver treats the samples of a batch independently (the adaptive ODE
@@ -31,10 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .solvers import sample
+from ._lock import FolderLockedError, folder_lock
 from ._util import as_path, check_count
 from .train.checkpoint import CheckpointError, config_differences, write_atomic
 
-__all__ = ["ChunkedRun", "load_samples", "sample_to_disk", "sample_seed"]
+__all__ = ["ChunkedRun", "FolderLockedError", "load_samples", "sample_to_disk", "sample_seed"]
 
 FORMAT, VERSION = "scoresde.samples", 1
 MANIFEST = "manifest.json"
@@ -117,7 +120,26 @@ def _read_manifest(out: Path) -> dict | None:
     if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
         raise CheckpointError(f"{path}: format version {manifest.get('version')!r}; this scoresde reads "
                               f"version {VERSION} or older: upgrade scoresde")
+    _check_manifest_args(path, manifest["args"])
     return manifest
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_manifest_args(path: Path, args: dict):
+    """The fields `load_samples` reads: a hand-edited or foreign manifest is an error naming the field,
+    not a ZeroDivisionError, a KeyError or silently no samples."""
+    for name in ("n", "batch_size"):
+        if not _is_count(args.get(name)):
+            shown = f"={args[name]!r}" if name in args else " is missing"
+            raise CheckpointError(f"{path}: args.{name}{shown}: expected an int >= 1")
+    shape = args.get("sample_shape")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        shown = f"={shape!r}" if "sample_shape" in args else " is missing"
+        raise CheckpointError(f"{path}: args.sample_shape{shown}: expected a list of ints >= 1, the shape "
+                              "of one sample")
 
 
 def _chunks_on_disk(out: Path) -> list[int]:
@@ -164,7 +186,9 @@ def sample_to_disk(model, sde, n: int, out_dir, *, sample_shape, batch_size: int
         not recorded, say so in `meta`. meta: JSON data recorded and compared on reruns.
     **sample_kwargs: passed to `sd.sample` (solver, steps, grid, t_end, dtype, device, solver options).
     A rerun with the same arguments draws only the chunks missing on disk. A NaN or inf from the model
-    stops the run with the chunk, step and t; the chunks before it stay on disk.
+    stops the run with the chunk, step and t; the chunks before it stay on disk. The folder's lock is
+    held for the whole run: a second writer gets `FolderLockedError` (an OSError) naming the folder and
+    the PID of the process holding it, and writes nothing.
     """
     out = as_path("out_dir", out_dir)
     n, batch_size = check_count("n", n, maximum=None), check_count("batch_size", batch_size, maximum=None)
@@ -174,14 +198,21 @@ def sample_to_disk(model, sde, n: int, out_dir, *, sample_shape, batch_size: int
         raise TypeError(f"transform={transform!r}: expected a callable chunk -> chunk, or None")
     args = _run_args(sde, n, sample_shape, batch_size, seed, meta, sample_kwargs)
     out.mkdir(parents=True, exist_ok=True)
-    _open_run(out, args)
+    with folder_lock(out):  # one writer at a time: a second run would mix its chunks with ours
+        _open_run(out, args)
+        drawn, count = _draw_missing(model, sde, out, n, sample_shape, batch_size, seed, transform, progress,
+                                     sample_kwargs)
+    return ChunkedRun(out, n, count, drawn, count - drawn)
 
+
+def _draw_missing(model, sde, out: Path, n, sample_shape, batch_size, seed, transform, progress,
+                  sample_kwargs) -> tuple[int, int]:
+    """Draw and write the chunks not on disk yet; returns (how many were drawn, how many in all)."""
     count = math.ceil(n / batch_size)
     done = set(_chunks_on_disk(out))
     todo = [k for k in range(count) if k not in done]
-    bar = tqdm(total=n, initial=n - sum(min(batch_size, n - k * batch_size) for k in todo), unit="sample",
-               disable=not progress, dynamic_ncols=True)
-    with torch.no_grad():
+    with tqdm(total=n, initial=n - sum(min(batch_size, n - k * batch_size) for k in todo), unit="sample",
+              disable=not progress, dynamic_ncols=True) as bar, torch.no_grad():
         for k in todo:
             first, last = k * batch_size, min(n, (k + 1) * batch_size)
             generators = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in range(first, last)]
@@ -197,8 +228,7 @@ def sample_to_disk(model, sde, n: int, out_dir, *, sample_shape, batch_size: int
                                      f"{(last - first, *sample_shape)}")
             _write_chunk(out / chunk_name(k), x)
             bar.update(last - first)
-    bar.close()
-    return ChunkedRun(out, n, count, len(todo), count - len(todo))
+    return len(todo), count
 
 
 def load_samples(out_dir, *, partial: bool = False) -> torch.Tensor:

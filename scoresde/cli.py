@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shlex
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,8 +49,11 @@ def _parser() -> argparse.ArgumentParser:
                         "folder): the samples in .npy chunks of --batch-size, each written when finished; "
                         "rerun to finish an interrupted run (default: samples.png)")
     s.add_argument("--batch-size", type=_positive_int, default=None,
-                   help="samples per chunk, with a folder --out (default: 1000); sample i is seeded from "
-                        "(seed, i), so the samples do not depend on it")
+                   help="samples per chunk, with a folder --out (default: 1000); the noise of sample i is "
+                        "seeded from (seed, i), so it does not depend on the batch size: with the exact mixture "
+                        "the samples are identical, with a network they agree to floating-point rounding")
+    s.add_argument("--raw", action="store_true",
+                   help="write the raw samples in data units without clipping to the data set's range")
 
     t = commands.add_parser("train", help="train a network", description="Train a network with the denoising "
                             "objective. Run under torchrun for many processes (DistributedDataParallel).")
@@ -55,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="overrides, e.g. steps=2000 lr=1e-3 data=/path model.base_channels=32")
     t.add_argument("--out", default=None, help="run folder (default: the preset's)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    t.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run's checkpoints, log and pictures in the run folder and start "
+                        "afresh (without it, or --resume, a run folder that holds checkpoints is refused)")
     t.add_argument("--device", default=None, type=device_argument,
                    help="torch device (default: cuda if available, else cpu)")
 
@@ -78,7 +88,7 @@ def _sample_mixture(args) -> int:
     sde = VPSDE.linear()
     mixture = GaussianMixture.ring2d(sde)
     n = args.n or 4000
-    if _to_folder(args):
+    if args.folder:
         return _sample_chunks(mixture, sde, (2,), n, args, meta={"model": "mixture"})
     x, info, wall = _timed_sample(mixture, sde, (n, 2), args)
     report = mixture.mode_report(x)
@@ -96,12 +106,13 @@ def _sample_model(args) -> int:
 
     model = load_model(args.model, device=args.device)
     n = args.n or 64
-    if _to_folder(args):
+    clip = not args.raw  # clip to the data set's range, unless --raw
+    if args.folder:
         return _sample_chunks(model.denoiser, model.sde, model.sample_shape, n, args,
-                              transform=lambda x: model.to_data_units(x.cpu()),
+                              transform=lambda x: model.to_data_units(x.cpu(), clip=clip),
                               meta={"model": str(model.path), "units": "data"})
     x, info, wall = _timed_sample(model.denoiser, model.sde, (n, *model.sample_shape), args)
-    data = model.to_data_units(x.cpu())
+    data = model.to_data_units(x.cpu(), clip=clip)
     title = f"{info.solver}, NFE={info.nfe}"
     if len(model.sample_shape) == 3:
         lo, hi = model.config["data"]["data_range"]
@@ -116,21 +127,55 @@ def _solver_options(args) -> dict:
     return {} if SOLVERS[args.solver].adaptive else {"steps": args.steps, "grid": args.grid}
 
 
-def _to_folder(args) -> bool:
-    """Whether --out names a folder of chunks; --batch-size only goes with one."""
-    folder = args.out.endswith(("/", os.sep)) or os.path.isdir(args.out)
+def _check_out(args) -> bool:
+    """Check --out before anything is loaded or drawn, creating missing folders; returns whether it
+    names a folder of chunks (--batch-size only goes with one)."""
+    out = args.out
+    folder = out.endswith(("/", os.sep)) or os.path.isdir(out)
     if args.batch_size is not None and not folder:
-        raise ValueError(f"--batch-size goes with a folder --out (a name ending in '/'), not {args.out!r}")
+        raise ValueError(f"--batch-size goes with a folder --out (a name ending in '/'), not {out!r}")
+    if not folder and not out.endswith((".png", ".npy")):
+        raise ValueError(f"--out {out!r}: expected a file name ending in .png or .npy, or a folder (a name "
+                         "ending in '/')")
+    try:
+        if folder:
+            Path(out).mkdir(parents=True, exist_ok=True)
+        else:
+            _check_writable(Path(out))
+    except OSError as e:
+        where = f": {e.filename}" if e.filename else ""
+        raise OSError(f"--out {out!r}: cannot write there ({e.strerror or e}{where})") from None
     return folder
 
 
-def _sample_chunks(model, sde, sample_shape, n, args, **kwargs) -> int:
-    from .chunked import sample_to_disk
+def _check_writable(path: Path):
+    """Create `path`'s folder, and write there once (an existing file: open it for appending, which
+    changes nothing), so that a run never ends unable to save what it drew."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        with open(path, "ab"):
+            pass
+        return
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:  # name the folder, not the probe's random name
+        raise OSError(e.errno, e.strerror, str(path.parent)) from None
 
-    start = time.perf_counter()
-    run = sample_to_disk(model, sde, n, args.out, sample_shape=sample_shape, batch_size=args.batch_size or 1000,
-                         seed=args.seed, solver=args.solver, device=args.device, progress=sys.stderr.isatty(),
-                         **_solver_options(args), **kwargs)
+
+def _sample_chunks(model, sde, sample_shape, n, args, **kwargs) -> int:
+    from .chunked import _chunks_on_disk, sample_to_disk
+
+    start, batch_size = time.perf_counter(), args.batch_size or 1000
+    try:
+        run = sample_to_disk(model, sde, n, args.out, sample_shape=sample_shape, batch_size=batch_size,
+                             seed=args.seed, solver=args.solver, device=args.device, progress=sys.stderr.isatty(),
+                             **_solver_options(args), **kwargs)
+    except KeyboardInterrupt:
+        finished = len(_chunks_on_disk(Path(args.out)))
+        print(f"scoresde sample: interrupted: {finished} of {-(-n // batch_size)} chunk(s) are finished in "
+              f"{args.out}; rerun the same command to draw the rest", file=sys.stderr)
+        return 130
     print(f"wrote {n} samples in {run.chunks} chunk(s) to {run.out_dir} (drew {run.drawn}, found {run.skipped} "
           f"finished) wall={time.perf_counter() - start:.3f}s; read them with scoresde.load_samples")
     return 0
@@ -151,29 +196,43 @@ def _timed_sample(model, sde, shape, args):
 
 
 def _write(data: torch.Tensor, out: str, picture):
+    """Write to --out (its suffix checked by `_check_out`: .npy or .png)."""
     if out.endswith(".npy"):
         import numpy as np
 
         np.save(out, data.detach().cpu().numpy())
-    elif out.endswith(".png"):
-        picture(out)
     else:
-        raise ValueError(f"--out {out!r}: expected a file name ending in .png or .npy")
+        picture(out)
     print(f"wrote {out}")
 
 
 def _train(args) -> int:
     from .train.config import apply_overrides, preset
-    from .train.loop import train
+    from .train.loop import TrainingInterrupted, train
 
     config = apply_overrides(preset(args.preset), args.set)
     if args.out:
         config.out = args.out
     if args.device:
         config.device = args.device
-    last = train(config, resume=args.resume)
+    try:
+        last = train(config, resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as stop:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+            print(f"scoresde train: {stop}; resume with: {_resume_command(args.argv)}", file=sys.stderr)
+        return 128 + stop.signum
     print(f"last checkpoint: {last}")
     return 0
+
+
+def _resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: this one, with --resume and without --overwrite
+    (or its abbreviations, which argparse accepts)."""
+    words = [w for w in argv if not (w.startswith("--ov") and "--overwrite".startswith(w))]
+    if not any(w.startswith("--r") and "--resume".startswith(w) for w in words):
+        words.append("--resume")
+    command = shlex.join(["scoresde", *words])
+    return f"{command} (under torchrun, as this run)" if "RANK" in os.environ else command
 
 
 def _presets(args) -> int:
@@ -208,18 +267,71 @@ def main(argv=None) -> int:
 
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
+    args.argv = argv
     try:
-        if args.command == "sample":
-            return _sample_mixture(args) if args.model == "mixture" else _sample_model(args)
-        if args.command == "train":
-            return _train(args)
-        if args.command == "presets":
-            return _presets(args)
-        return _export(args)
+        return _run(args)
     except (ValueError, TypeError, OSError, FloatingPointError) as err:
-        # Bad input (and a full disk, a NaN model) gets its message, not a traceback.
+        # Bad input (and a full disk, a NaN model, a folder another run writes to) gets its message,
+        # not a traceback.
         print(f"scoresde {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        print(f"scoresde {args.command}: error: out of memory ({_first_line(err)}): {_memory_hint(args)}",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"scoresde {args.command}: interrupted{_nothing_lost(args)}", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    if args.command == "sample":
+        args.folder = _check_out(args)
+        return _sample_mixture(args) if args.model == "mixture" else _sample_model(args)
+    if args.command == "train":
+        return _train(args)
+    if args.command == "presets":
+        return _presets(args)
+    return _export(args)
+
+
+# What torch's CPU allocator says when an allocation fails (it raises a plain RuntimeError).
+_CPU_ALLOCATOR = ("DefaultCPUAllocator: can't allocate memory", "DefaultCPUAllocator: not enough memory")
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return isinstance(err, (MemoryError, oom)) or any(text in str(err) for text in _CPU_ALLOCATOR)
+
+
+def _first_line(err: BaseException, limit: int = 120) -> str:
+    """The allocator's first line, without c10's "[enforce fail at alloc_cpu.cpp:N] data." prefix."""
+    lines = re.sub(r"^\[enforce fail at [^\]]*\]\s*(data\.\s*)?", "", str(err).strip()).splitlines()
+    line = lines[0] if lines else type(err).__name__
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def _memory_hint(args) -> str:
+    """What to make smaller after running out of memory."""
+    if args.command == "train":
+        return ("lower batch_size (--set batch_size=...), or raise grad_accum (--set grad_accum=...) to split "
+                "each batch into smaller ones; sample_n sizes the pictures' batch")
+    if args.command == "sample" and getattr(args, "folder", False):
+        return f"lower --batch-size (now {args.batch_size or 1000})"
+    if args.command == "sample":
+        given = f" (now {args.n})" if args.n else ""
+        return f"lower --n{given}, or draw in chunks: --out DIR/ --batch-size 100"
+    return "use a smaller input"
+
+
+def _nothing_lost(args) -> str:
+    if args.command == "sample":
+        return ": nothing written"
+    if args.command == "train":
+        return " before the first step: nothing saved"
+    return ""
 
 
 if __name__ == "__main__":

@@ -563,13 +563,15 @@ ARG_VALUES = st.one_of(st.sampled_from(["0", "1", "2", "-1", "abc", "", "nan", "
                                         "scoresde/assets/digits"]),
                        st.text(max_size=4))
 OPTIONS = {
-    "sample": ["--model", "--solver", "--steps", "--grid", "--n", "--seed", "--device", "--out", "--batch-size"],
-    "train": ["--preset", "--set", "--out", "--resume", "--device"],
+    "sample": ["--model", "--solver", "--steps", "--grid", "--n", "--seed", "--device", "--out", "--batch-size",
+               "--raw"],
+    "train": ["--preset", "--set", "--out", "--resume", "--overwrite", "--device"],
     "likelihood": ["--model", "--n", "--divergence", "--probes", "--solver", "--steps", "--seed", "--device"],
     "export": [], "presets": [],
 }
 
 
+FLAGS = ("--resume", "--overwrite", "--raw")  # options without a value
 OPTION_VALUES = {  # good values per option (OUT is the test's folder)
     "--model": ["mixture", "scoresde/assets/digits"], "--solver": SOLVER_NAMES, "--steps": ["1", "2"],
     "--grid": sorted(sd.GRIDS), "--n": ["2", "3"], "--seed": ["0", "7"], "--device": ["cpu"],
@@ -588,7 +590,7 @@ def argv(draw):
     for _ in range(draw(st.integers(0, 4))):
         option = draw(st.sampled_from(OPTIONS.get(command, []) + ["--bogus"]))
         tokens.append(option)
-        if option != "--resume":
+        if option not in FLAGS:
             tokens.append(draw(st.one_of(st.sampled_from(OPTION_VALUES[option]), ARG_VALUES)))
     if command == "sample":  # keep runs cheap where the draw left it open: few samples, few steps
         for option, value in (("--n", "3"), ("--steps", "2"), ("--model", "mixture")):
@@ -610,7 +612,8 @@ def cheap_commands():
         return real_likelihood(lambda y, t: 0.1 * y, sde, x[:1].flatten(1), **kw)
 
     with tempfile.TemporaryDirectory() as out, pytest.MonkeyPatch.context() as patches:
-        patches.setattr(train_loop, "train", lambda config, resume=False: config.validate() and Path(out) / "none")
+        patches.setattr(train_loop, "train",
+                        lambda config, resume=False, overwrite=False: config.validate() and Path(out) / "none")
         patches.setattr(sd.likelihood, "log_likelihood", likelihood)
         yield out
 

@@ -3,6 +3,11 @@
     from scoresde.train import preset, train
     train(preset("digits"))                          # or: scoresde train --preset digits
     torchrun --nproc_per_node 4 -m scoresde.cli train --preset cifar10 --set data=/data/cifar-10-batches-py
+
+One run writes to a run folder at a time (rank 0 holds the folder's lock for the whole run), and a
+fresh run does not start over a folder that holds another run's checkpoints unless told to resume
+it or to overwrite it. SIGINT or SIGTERM stops the run after the current step with a checkpoint of
+that step (`TrainingInterrupted`), on every rank at the same step.
 """
 from __future__ import annotations
 
@@ -11,6 +16,9 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +28,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .. import nn as networks
+from .._lock import FolderLockedError, folder_lock  # noqa: F401 (FolderLockedError: what train raises)
 from ..prediction import Denoiser
 from ..solvers import SOLVERS, sample
 from . import checkpoint as ckpt
@@ -47,6 +56,146 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)
     return device
+
+
+# ---- the run folder: one writer, no mixing of runs ----------------------------------------------
+def _old_run(out: Path) -> list[Path]:
+    """What an earlier run left in `out`: `latest`, step directories, a crashed save's leftovers, the
+    log and the sample pictures (nothing else in the folder is ours to delete)."""
+    ours = (ckpt.LATEST, ckpt.LOG)
+    return sorted(p for p in out.iterdir() if p.name in ours or ckpt._STEP_DIR.fullmatch(p.name)
+                  or ckpt._TRASH.fullmatch(p.name) or (p.name.startswith("samples_") and p.suffix == ".png"))
+
+
+def _checkpoint_step(path: Path | None) -> str:
+    return "none complete" if path is None else str(int(path.name.split("step_")[1].split(".")[0]))
+
+
+def _prepare_folder(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Rank 0, holding the folder's lock: whether to resume. A fresh run into a folder that holds
+    checkpoints is refused unless `overwrite`, which deletes the old run's files first."""
+    latest = ckpt.latest_checkpoint(out)
+    if resume:
+        if latest is None:
+            print(f"no checkpoint in {out}: starting a fresh run")
+        return latest is not None
+    old = _old_run(out)
+    if any(p.name == ckpt.LATEST or ckpt._STEP_DIR.fullmatch(p.name) for p in old) and not overwrite:
+        raise ValueError(f"out={str(out)!r} holds the checkpoints of another run (latest step: "
+                         f"{_checkpoint_step(latest)}): continue it with --resume (resume=True), or delete it "
+                         "and start afresh with --overwrite (overwrite=True), or choose another folder")
+    if overwrite and old:
+        for path in sorted(old, key=lambda p: p.name != ckpt.LATEST):  # `latest` first: no half-deleted run
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        print(f"overwrite: deleted the earlier run in {out} (latest step: {_checkpoint_step(latest)})")
+    return False
+
+
+def _on_rank_0(main: bool, world: int, device: torch.device, decide):
+    """`decide()` on rank 0, its result or its error on every rank: ranks 1.. must not go on into
+    a collective that rank 0, having refused the folder, never joins."""
+    outcome = [None, None]
+    if main:
+        try:
+            outcome[0] = decide()
+        except (ValueError, OSError) as e:
+            outcome[1] = e
+    if world > 1:
+        dist.broadcast_object_list(outcome, src=0, device=device)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
+
+
+@contextlib.contextmanager
+def _run_folder(out: Path, resume: bool, overwrite: bool, main: bool, world: int, device: torch.device):
+    """Hold `out`'s writer's lock (rank 0: the one that writes) for the `with` block; yields whether
+    to resume."""
+    with contextlib.ExitStack() as held:
+        def claim():
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(folder_lock(out))
+            return _prepare_folder(out, resume, overwrite)
+
+        yield _on_rank_0(main, world, device, claim)
+
+
+# ---- stopping on a signal ------------------------------------------------------------------------
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT or SIGTERM.
+
+    Attributes:
+        signum: the signal.
+        step: the step reached.
+        checkpoint: the checkpoint to resume from (None on ranks other than 0, or if there is none).
+        saved: True if `checkpoint` was written at `step` on the way out; False after a second
+            signal, which stops at once and leaves the last complete checkpoint.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None, saved: bool):
+        self.signum, self.step, self.checkpoint, self.saved = signum, step, checkpoint, saved
+        name = signal.Signals(signum).name
+        if saved:
+            message = f"stopped by {name} at step {step}; checkpoint saved: {checkpoint}"
+        else:
+            last = f"the last complete checkpoint: {checkpoint}" if checkpoint else "there is no checkpoint yet"
+            message = f"stopped at once by a second {name} at step {step}, without saving; {last}"
+        super().__init__(message)
+
+
+class _StopRequest:
+    """A signal handler: the first signal asks the loop to stop after the current step; the same
+    signal again stops at once (KeyboardInterrupt; saves are atomic, so a save cut short leaves the
+    checkpoint before it). Another signal meanwhile is ignored: torchrun answers the terminal's
+    SIGINT by sending SIGTERM to the workers, which are stopping already."""
+
+    def __init__(self):
+        self.signum, self.step = 0, 0  # the signal received, the step the loop reached
+
+    def __call__(self, signum, frame):
+        if signum == self.signum:
+            raise KeyboardInterrupt
+        if not self.signum:
+            self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals(request: _StopRequest):
+    """Route SIGINT and SIGTERM to `request` for the `with` block (main thread only: Python runs
+    signal handlers there), then restore the handlers found."""
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {s: signal.getsignal(s) for s in signals}
+    try:
+        for s in signals:
+            signal.signal(s, request)
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
+def _step_status(grad_norm: torch.Tensor, request: _StopRequest, world: int) -> tuple[bool, int]:
+    """(whether the gradient is finite, the signal to stop on or 0).
+
+    One process reads its stop flag on the host, adding no sync. In a distributed run the flag rides
+    along with the finiteness in one all-reduce (max), so that every rank stops at the same step (a
+    signal may reach one rank only) and save()'s gather finds them all.
+    """
+    finite = torch.isfinite(grad_norm)
+    if world == 1:
+        # sync: one scalar per step, so that a non-finite step is skipped before it reaches the weights.
+        return bool(finite.item()), request.signum
+    status = torch.stack([finite.logical_not().to(torch.int64),
+                          torch.tensor(request.signum, dtype=torch.int64, device=grad_norm.device)])
+    dist.all_reduce(status, op=dist.ReduceOp.MAX)
+    not_finite, signum = status.tolist()  # sync: the same one read, with the flag beside it
+    return not not_finite, signum
 
 
 # ---- the pieces ----------------------------------------------------------------------------------
@@ -113,16 +262,45 @@ def _save_samples(net, ema, config, data, sde, path, device):
         save_scatter(x.cpu(), str(path), title=f"EMA samples, {path.stem}", lim=3.0)
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> Path:
-    """Train a network on `config.data` with the denoising objective; returns the last checkpoint."""
+def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train a network on `config.data` with the denoising objective; returns the last checkpoint.
+
+    Args:
+        config: the training configuration; `config.out` is the run folder.
+        resume: continue from the run folder's latest checkpoint (with none there, say so and start
+            a fresh run).
+        overwrite: delete an earlier run's checkpoints, log and pictures in the run folder first.
+            Without it (or `resume`), a fresh run into a folder holding checkpoints is refused.
+
+    Raises:
+        FolderLockedError: another process is writing to the run folder (an OSError).
+        TrainingInterrupted: SIGINT or SIGTERM arrived (handled in the main thread only); the run
+            stopped after the current step with a checkpoint of it.
+    """
     config.validate()
+    if resume and overwrite:
+        raise ValueError(f"resume=True and overwrite=True: choose one (resume continues the run in "
+                         f"{config.out!r}, overwrite deletes it)")
     rank, world, local_rank = _distributed()
     device = _device(config, local_rank)
-    main = rank == 0
-    out = Path(config.out)
     if config.batch_size % (world * config.grad_accum):
         raise ValueError(f"batch_size={config.batch_size} must be a multiple of processes x grad_accum "
                          f"= {world} x {config.grad_accum}")
+    stop = _StopRequest()
+    with _run_folder(Path(config.out), resume, overwrite, rank == 0, world, device) as resume:
+        try:
+            return _train(config, resume, rank, world, device, stop)
+        except KeyboardInterrupt:
+            if not stop.signum:  # not ours: Ctrl-C before the loop began
+                raise
+            latest = ckpt.latest_checkpoint(config.out) if rank == 0 else None
+            raise TrainingInterrupted(stop.signum, stop.step, latest, saved=False) from None
+
+
+def _train(config: TrainConfig, resume: bool, rank: int, world: int, device: torch.device,
+           stop: _StopRequest) -> Path:
+    main = rank == 0
+    out = Path(config.out)
     micro_batch = config.batch_size // (world * config.grad_accum)
     cuda = device.type == "cuda"
     if config.bf16 and not cuda:
@@ -144,7 +322,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     step = 0
 
     # ---- resume: weights, optimiser, EMA, step, every random state, the data stream's position ----
-    if resume and ckpt.latest_checkpoint(out) is not None:
+    if resume:  # rank 0 found a checkpoint
         found = ckpt.load_checkpoint(out, map_location=device)
         # How t is drawn (continuous, or the indices of an N-step chain) belongs to the schedule too.
         ckpt.check_compatible(found, saved_config, keys=("architecture", "schedule", "prediction", "data",
@@ -164,11 +342,11 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     if config.compile:
         model = torch.compile(model)
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         print(f"{networks.describe(net)}; data {data.name} {tuple(data.sample_shape)} x {len(data)}; "
               f"{world} process(es) on {device}")
 
-    def save():
+    def save() -> Path | None:
+        """A checkpoint of this step (every rank takes part; rank 0 writes it and gets its path)."""
         states = [None] * world
         local = {"rng": ckpt.rng_state(), "noise": noise.get_state()}
         if world > 1:
@@ -178,62 +356,71 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
         if main:
             state = {"step": step, "optimizer": optimizer.state_dict(), "ema_updates": ema.num_updates,
                      "stream": stream.state_dict(), "processes": states}
-            ckpt.save_checkpoint(out, step, model_state=net.state_dict(), ema_state=ema.state_dict(),
-                                 config=saved_config, state=state, keep=config.keep)
+            return ckpt.save_checkpoint(out, step, model_state=net.state_dict(), ema_state=ema.state_dict(),
+                                        config=saved_config, state=state, keep=config.keep)
+        return None
 
     # ---- the loop ----
     batches = iter(stream)
-    bar = tqdm(total=config.steps, initial=step, disable=not main, unit="step", dynamic_ncols=True)
-    log = open(out / "log.jsonl", "a") if main else None
     nan_run, images, tick = 0, 0, time.perf_counter()
+    saved, path = (step, found.path) if resume else (-1, None)  # the last checkpoint written, and when
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if config.bf16 else contextlib.nullcontext()
-    while step < config.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
-        for micro in range(config.grad_accum):
-            x, y = next(batches)
-            x = x.to(device, non_blocking=True)
-            if cuda and config.channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True) if labelled else None
-            y = _drop_labels(y, data.num_classes, config.cond_drop, noise)
-            # DDP averages gradients across processes on the last micro-batch only.
-            last = micro == config.grad_accum - 1
-            with contextlib.nullcontext() if last or world == 1 else model.no_sync():
-                with autocast:
-                    loss = diffusion_loss(model, sde, x, objective, y=y, generator=noise)
-                (loss / config.grad_accum).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
-        # sync: one scalar per step, so that a non-finite step is skipped before it reaches the weights.
-        if not torch.isfinite(grad_norm).item():
-            optimizer.zero_grad(set_to_none=True)
-            nan_run += 1
-            warnings.warn(f"step {step}: non-finite loss or gradient ({loss.item():.3g}); step skipped")
-            if nan_run >= config.max_nan_steps:
-                raise FloatingPointError(
-                    f"{nan_run} non-finite steps in a row at step {step}: stopping. The last good "
-                    f"checkpoint is in {out}; lower lr (now {config.lr}) or check the data")
-            continue
-        nan_run = 0
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update()
-        step += 1
-        images += config.batch_size
-        bar.update()
-        if main and (step % config.log_every == 0 or step == config.steps):
-            now = time.perf_counter()  # sync: loss.item() below waits for the step; only at log points
-            record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
-                      "lr": optimizer.param_groups[0]["lr"], "images_per_s": images / (now - tick)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-            images, tick = 0, now
-        if main and step % config.sample_every == 0:
-            _save_samples(net, ema, config, data, sde, out / f"samples_{step:08d}.png", device)
-        if step % config.ckpt_every == 0 or step == config.steps:
-            save()
-    bar.close()
-    if log is not None:
-        log.close()
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=config.steps, initial=step, disable=not main, unit="step",
+                                       dynamic_ncols=True))
+        # A fresh run starts its log afresh; a resumed one appends.
+        log = stack.enter_context(open(out / ckpt.LOG, "a" if step else "w")) if main else None
+        stop.step = step
+        stack.enter_context(_stop_on_signals(stop))
+        while step < config.steps:
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(config, step)
+            for micro in range(config.grad_accum):
+                x, y = next(batches)
+                x = x.to(device, non_blocking=True)
+                if cuda and config.channels_last and x.ndim == 4:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = y.to(device, non_blocking=True) if labelled else None
+                y = _drop_labels(y, data.num_classes, config.cond_drop, noise)
+                # DDP averages gradients across processes on the last micro-batch only.
+                last = micro == config.grad_accum - 1
+                with contextlib.nullcontext() if last or world == 1 else model.no_sync():
+                    with autocast:
+                        loss = diffusion_loss(model, sde, x, objective, y=y, generator=noise)
+                    (loss / config.grad_accum).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
+            finite, signum = _step_status(grad_norm, stop, world)
+            if not finite:
+                optimizer.zero_grad(set_to_none=True)
+                nan_run += 1
+                warnings.warn(f"step {step}: non-finite loss or gradient ({loss.item():.3g}); step skipped")
+                if nan_run >= config.max_nan_steps:
+                    raise FloatingPointError(
+                        f"{nan_run} non-finite steps in a row at step {step}: stopping. The last good "
+                        f"checkpoint is in {out}; lower lr (now {config.lr}) or check the data")
+            else:
+                nan_run = 0
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                ema.update()
+                step += 1
+                stop.step = step
+                images += config.batch_size
+                bar.update()
+                if main and (step % config.log_every == 0 or step == config.steps):
+                    now = time.perf_counter()  # sync: loss.item() below waits for the step; only at log points
+                    record = {"step": step, "loss": loss.item(), "grad_norm": grad_norm.item(),
+                              "lr": optimizer.param_groups[0]["lr"], "images_per_s": images / (now - tick)}
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+                    images, tick = 0, now
+                if main and step % config.sample_every == 0:
+                    _save_samples(net, ema, config, data, sde, out / f"samples_{step:08d}.png", device)
+                if step % config.ckpt_every == 0 or step == config.steps:
+                    saved, path = step, save()
+            if signum and step < config.steps:  # asked to stop: this step saved, then out
+                if saved != step:  # the same on every rank: save() is collective
+                    saved, path = step, save()
+                raise TrainingInterrupted(signum, step, path, saved=True)
     return ckpt.latest_checkpoint(out)

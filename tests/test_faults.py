@@ -31,6 +31,8 @@ from scoresde.train import data as datasets
 from scoresde.train import loop
 from scoresde.train.config import apply_overrides, preset
 
+from helpers import assert_same_run
+
 # A toy2d run small enough for seconds on one CPU core.
 TOY = ["batch_size=32", "warmup=5", "log_every=5", "sample_every=100000", "model.hidden=32", "model.layers=2",
        "cond_drop=0.0"]
@@ -41,18 +43,6 @@ def toy(out, **overrides):
     config = apply_overrides(preset("toy2d"), TOY + [f"{k}={v}" for k, v in overrides.items()])
     config.out, config.device = str(out), "cpu"
     return config
-
-
-def assert_same_run(root_a, root_b):
-    """Step, weights, EMA and optimiser moments bit for bit."""
-    a, b = ckpt.load_checkpoint(root_a), ckpt.load_checkpoint(root_b)
-    assert a.step == b.step
-    for name in a.model_state:
-        assert torch.equal(a.model_state[name], b.model_state[name]), name
-        assert torch.equal(a.ema_state[name], b.ema_state[name]), name
-    for key, moments in a.state["optimizer"]["state"].items():
-        for name in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(moments[name], b.state["optimizer"]["state"][key][name]), (key, name)
 
 
 # ---- a training run killed again and again -----------------------------------------------------------

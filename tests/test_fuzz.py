@@ -566,12 +566,13 @@ OPTIONS = {
     "sample": ["--model", "--solver", "--steps", "--grid", "--n", "--seed", "--device", "--out", "--batch-size",
                "--raw"],
     "train": ["--preset", "--set", "--out", "--resume", "--overwrite", "--device"],
-    "likelihood": ["--model", "--n", "--divergence", "--probes", "--solver", "--steps", "--seed", "--device"],
+    "likelihood": ["--model", "--n", "--divergence", "--probes", "--solver", "--steps", "--seed", "--device",
+                   "--progress", "--no-progress"],
     "export": [], "presets": [],
 }
 
 
-FLAGS = ("--resume", "--overwrite", "--raw")  # options without a value
+FLAGS = ("--resume", "--overwrite", "--raw", "--progress", "--no-progress")  # options without a value
 OPTION_VALUES = {  # good values per option (OUT is the test's folder)
     "--model": ["mixture", "scoresde/assets/digits"], "--solver": SOLVER_NAMES, "--steps": ["1", "2"],
     "--grid": sorted(sd.GRIDS), "--n": ["2", "3"], "--seed": ["0", "7"], "--device": ["cpu"],

@@ -26,6 +26,8 @@ from scoresde.train import checkpoint as ckpt
 from scoresde.train import loop
 from scoresde.train.config import apply_overrides, preset
 
+from helpers import assert_same_run
+
 # A toy2d run small enough for milliseconds per step on one CPU core, logging every step.
 TOY = ["batch_size=32", "warmup=5", "log_every=1", "sample_every=100000", "model.hidden=32", "model.layers=2",
        "cond_drop=0.0"]
@@ -42,18 +44,6 @@ def toy(out, **overrides):
 def train_argv(out, *extra, steps=100_000):
     return ["train", "--preset", "toy2d", "--device", "cpu", "--out", str(out), *extra, "--set", *TOY,
             f"steps={steps}", "ckpt_every=100000"]
-
-
-def assert_same_run(root_a, root_b):
-    """Step, weights, EMA and optimiser moments bit for bit."""
-    a, b = ckpt.load_checkpoint(root_a), ckpt.load_checkpoint(root_b)
-    assert a.step == b.step
-    for name in a.model_state:
-        assert torch.equal(a.model_state[name], b.model_state[name]), name
-        assert torch.equal(a.ema_state[name], b.ema_state[name]), name
-    for key, moments in a.state["optimizer"]["state"].items():
-        for name in ("exp_avg", "exp_avg_sq"):
-            assert torch.equal(moments[name], b.state["optimizer"]["state"][key][name]), (key, name)
 
 
 def wait_for(condition, child, timeout=120):

@@ -58,14 +58,20 @@ def _check_t_end(sde: VPSDE, t_end):
     return float(t_end)
 
 
+def _check_plan_size(what: str, steps: int):
+    """At most MAX_SAMPLING_STEPS steps: a solver plans every step before its first model call."""
+    if steps > MAX_SAMPLING_STEPS:
+        raise ValueError(f"{what}: {steps} steps, more than the {MAX_SAMPLING_STEPS} a run may take (each step's "
+                         "coefficients are planned before the first model call, so the plan's memory grows with "
+                         "the steps)")
+
+
 def _check_times(times, sde: VPSDE, what: str) -> torch.Tensor:
     if not isinstance(times, torch.Tensor) or times.ndim != 1 or times.numel() < 2:
         raise ValueError(f"{what}: expected a 1-D tensor of at least 2 times from T down to t_end")
     if times.device.type == "meta" or times.is_complex():
         raise ValueError(f"{what}: expected real times to read, got a {times.dtype} tensor on {times.device}")
-    if times.numel() > MAX_SAMPLING_STEPS + 1:
-        raise ValueError(f"{what}: {times.numel() - 1} steps; at most {MAX_SAMPLING_STEPS} (each step's coefficients "
-                         "are planned before the first model call, so the plan's memory grows with the steps)")
+    _check_plan_size(what, times.numel() - 1)
     times = times.detach().to("cpu", F64)
     values = times.tolist()  # sync: none, a CPU grid checked before the loop
     if not all(a > b for a, b in zip(values, values[1:])):  # NaN fails every comparison
@@ -93,10 +99,8 @@ def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end):
         return torch.tensor([sde.T, t_end], dtype=F64)
     if steps is None:
         steps = max(1, DEFAULT_NFE // spec.nfe_per_step)
-    if isinstance(steps, int) and steps > MAX_SAMPLING_STEPS:
-        raise ValueError(f"steps={steps}: at most {MAX_SAMPLING_STEPS} steps per run (each step's coefficients "
-                         "are planned before the first model call, so the plan's memory grows with the steps)")
-    check_count("steps", steps)
+    check_count("steps", steps, maximum=None)
+    _check_plan_size(f"steps={steps}", steps)
     grid = spec.grid if grid is None else grid
     if isinstance(grid, str):
         if grid not in GRIDS:
@@ -150,24 +154,24 @@ def _check_resolved(sde: VPSDE, times: torch.Tensor, dtype: torch.dtype):
     lambda must rise strictly from T to t_end, and alpha/sigma = exp(lambda) and its inverse must be
     finite in `dtype` (solvers form both). This catches a chain whose alpha underflows at T, a t_end
     where sigma rounds to 0, and times that a schedule maps to one lambda (a beta that rounds away)."""
-    lam = sde.log_snr(times)
     limit = math.log(torch.finfo(dtype).max)  # float64: 709.8; float32, bfloat16: 88.7; float16: 11.1
-    outside = ~(lam.abs() < limit)  # NaN too
-    if bool(outside.any()):  # sync: none, a CPU grid
-        k = int(outside.nonzero()[0])
-        low, high = sde.t_from_log_snr(torch.tensor([limit, -limit], dtype=F64)).tolist()
+    lam, t = sde.log_snr(times).tolist(), times.tolist()  # sync: none, a CPU grid
+    outside = [k for k, value in enumerate(lam) if not abs(value) < limit]  # NaN too
+    if outside:
+        k = outside[0]
+        low, high = sde.t_from_log_snr(torch.tensor([limit, -limit], dtype=F64)).tolist()  # sync: none, CPU
         where, fix = (("sde", "the schedule's alpha underflows at T: use a chain with a larger alpha_bar_N")
-                      if k == 0 else ("t_end", "raise t_end (or sample in float64)") if k == len(times) - 1
+                      if k == 0 else ("t_end", "raise t_end (or sample in float64)") if k == len(t) - 1
                       else ("grid", "choose times inside that range"))
-        raise ValueError(f"{where}: at t={times[k].item():.6g} the schedule's half log-SNR is {lam[k].item():.6g}, "
-                         f"beyond what {dtype} samples resolve (|lambda| < {limit:.4g}, so that alpha/sigma and "
-                         f"sigma/alpha are finite); the usable times are ({max(low, 0.0):.3g}, {high:.6g}]: {fix}")
-    flat = ~(lam[1:] > lam[:-1])
-    if bool(flat.any()):  # sync: none, a CPU grid
-        k = int(flat.nonzero()[0])
-        raise ValueError(f"sde, grid: t={times[k].item():.6g} and t={times[k + 1].item():.6g} have the same half "
-                         f"log-SNR {lam[k].item():.6g} in float64: the schedule does not tell them apart (a beta "
-                         "too small to change 1 - beta?); every solver needs lambda strictly rising from T to t_end")
+        raise ValueError(f"{where}: at t={t[k]:.6g} the schedule's half log-SNR is {lam[k]:.6g}, beyond what "
+                         f"{dtype} samples resolve (|lambda| < {limit:.4g}, so that alpha/sigma and sigma/alpha are "
+                         f"finite); the usable times are ({max(low, 0.0):.3g}, {high:.6g}]: {fix}")
+    flat = [k for k in range(len(lam) - 1) if not lam[k + 1] > lam[k]]
+    if flat:
+        k = flat[0]
+        raise ValueError(f"sde, grid: t={t[k]:.6g} and t={t[k + 1]:.6g} have the same half log-SNR {lam[k]:.6g} in "
+                         "float64: the schedule does not tell them apart (a beta too small to change 1 - beta?); "
+                         "every solver needs lambda strictly rising from T to t_end")
 
 
 def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", steps: int | None = None,

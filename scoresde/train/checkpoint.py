@@ -51,6 +51,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointWriteError",
     "check_compatible",
+    "checkpoint_files",
     "config_differences",
     "latest_checkpoint",
     "load_checkpoint",
@@ -609,6 +610,16 @@ def load_checkpoint(path, *, map_location="cpu") -> Checkpoint:
         return _load_root(path, device)
     raise CheckpointError(f"{path}: no checkpoint here: expected a checkpoint directory (with {MANIFEST}), "
                           "a directory of step_XXXXXXXX checkpoints, or a .safetensors file")
+
+
+def checkpoint_files(root) -> list[Path]:
+    """What saves under `root` left there: `latest`, the step directories and crashed saves'
+    hidden leftovers (what a run that starts afresh in the folder removes); [] without any."""
+    root = as_path("root", root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir()
+                  if p.name == LATEST or _STEP_DIR.fullmatch(p.name) or _TRASH.fullmatch(p.name))
 
 
 def latest_checkpoint(root, *, verify: bool = False) -> Path | None:

@@ -60,11 +60,11 @@ def _device(config: TrainConfig, local_rank: int) -> torch.device:
 
 # ---- the run folder: one writer, no mixing of runs ----------------------------------------------
 def _old_run(out: Path) -> list[Path]:
-    """What an earlier run left in `out`: `latest`, step directories, a crashed save's leftovers, the
-    log and the sample pictures (nothing else in the folder is ours to delete)."""
-    ours = (ckpt.LATEST, ckpt.LOG)
-    return sorted(p for p in out.iterdir() if p.name in ours or ckpt._STEP_DIR.fullmatch(p.name)
-                  or ckpt._TRASH.fullmatch(p.name) or (p.name.startswith("samples_") and p.suffix == ".png"))
+    """What an earlier run left in `out`: its checkpoints (`latest`, step directories, a crashed
+    save's leftovers), the log and the sample pictures (nothing else in the folder is ours to delete)."""
+    made_here = [p for p in out.iterdir()
+                 if p.name == ckpt.LOG or (p.name.startswith("samples_") and p.suffix == ".png")]
+    return ckpt.checkpoint_files(out) + made_here
 
 
 def _checkpoint_step(path: Path | None) -> str:
@@ -80,7 +80,8 @@ def _prepare_folder(out: Path, resume: bool, overwrite: bool) -> bool:
             print(f"no checkpoint in {out}: starting a fresh run")
         return latest is not None
     old = _old_run(out)
-    if any(p.name == ckpt.LATEST or ckpt._STEP_DIR.fullmatch(p.name) for p in old) and not overwrite:
+    saved = [p for p in ckpt.checkpoint_files(out) if not p.name.startswith(".")]  # leftovers alone: no run
+    if saved and not overwrite:
         raise ValueError(f"out={str(out)!r} holds the checkpoints of another run (latest step: "
                          f"{_checkpoint_step(latest)}): continue it with --resume (resume=True), or delete it "
                          "and start afresh with --overwrite (overwrite=True), or choose another folder")

@@ -156,6 +156,9 @@ class Denoiser:
         if isinstance(sigma, float) and sigma == 0 and divides_by_sigma:  # host floats only: a free check
             raise ValueError(f"t={t!r}: sigma(t) = 0 (the data end), where a {self.prediction} model's {kind} is "
                              "undefined; expected t > 0")
+        if isinstance(alpha, float) and alpha == 0 and kind in ("x0", "v"):  # both go through x0 = (x - sigma eps)/alpha
+            raise ValueError(f"t={t!r}: alpha(t) = 0 (no signal left), where a {self.prediction} model's {kind} is "
+                             f"undefined; expected a t where alpha > 0, such as t <= T = {self.sde.T}")
         return from_eps(kind, to_eps(self.prediction, out, x, alpha, sigma), x, alpha, sigma)
 
     def eps(self, x, t):

@@ -187,3 +187,13 @@ def test_grad_true_with_the_numpy_solver_is_refused_and_grad_must_be_a_flag():
         sd.sample(Net(), SDE, shape=(4, 2), solver="rk45", grad=True)
     with pytest.raises(TypeError, match=r"grad='yes': expected True or False"):
         sd.sample(Net(), SDE, shape=(4, 2), steps=2, grad="yes")
+
+
+@pytest.mark.parametrize("kind", ["x0", "v"])
+def test_a_conversion_through_x0_where_alpha_is_zero_is_refused(kind):
+    """Found by the slow fuzz run: t = 1e8 on a chain has alpha = 0, and x0 = (x - sigma eps)/alpha was inf."""
+    chain = sd.VPSDE.from_betas(SDE.discretize(1000))
+    denoiser = sd.Denoiser(lambda x, t: 0.5 * x, chain)
+    with pytest.raises(ValueError, match=r"t=100000000: alpha\(t\) = 0 .*expected a t where alpha > 0"):
+        denoiser.predict(kind, torch.randn(3, 2), 10**8)
+    assert torch.isfinite(denoiser.predict(kind, torch.randn(3, 2), 1.0)).all()

@@ -162,6 +162,19 @@ def host_floats(values: torch.Tensor) -> list:
     return values.tolist()  # sync: none, CPU tensor
 
 
+def positive_int_argument(text: str) -> int:
+    """argparse `type` of the commands' counts (--n, --steps, --batch-size, --threads): an int >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
+    return value
+
+
 def seed_argument(text: str) -> int:
     """argparse `type` of the commands' --seed: an int in [0, MAX_SEED]."""
     import argparse

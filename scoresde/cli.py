@@ -13,17 +13,7 @@ from pathlib import Path
 import torch
 
 from . import GRIDS, SOLVERS, VPSDE, GaussianMixture, sample
-from ._util import device_argument, seed_argument
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+from ._util import device_argument, positive_int_argument, seed_argument
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,17 +28,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="a checkpoint or run folder of ours, an exported model.safetensors, or 'mixture' "
                         "for the exact sharp 2-D Gaussian mixture (default: the shipped digits model)")
     s.add_argument("--solver", default="heun", choices=sorted(SOLVERS), help="solver (default: heun)")
-    s.add_argument("--steps", type=_positive_int, default=None,
+    s.add_argument("--steps", type=positive_int_argument, default=None,
                    help="steps of a fixed-step solver (default: about 50 model calls)")
     s.add_argument("--grid", default=None, choices=sorted(GRIDS), help="time grid (default: the solver's)")
-    s.add_argument("--n", type=_positive_int, default=None, help="number of samples (default: 64; 4000 for mixture)")
+    s.add_argument("--n", type=positive_int_argument, default=None, help="number of samples (default: 64; 4000 for mixture)")
     s.add_argument("--seed", type=seed_argument, default=0, help="random seed (default: 0)")
     s.add_argument("--device", default="cpu", type=device_argument, help="torch device (default: cpu)")
     s.add_argument("--out", default="samples.png",
                    help="output: .png (a picture), .npy, or a folder (a name ending in '/', or an existing "
                         "folder): the samples in .npy chunks of --batch-size, each written when finished; "
                         "rerun to finish an interrupted run (default: samples.png)")
-    s.add_argument("--batch-size", type=_positive_int, default=None,
+    s.add_argument("--batch-size", type=positive_int_argument, default=None,
                    help="samples per chunk, with a folder --out (default: 1000); the noise of sample i is "
                         "seeded from (seed, i), so it does not depend on the batch size: with the exact mixture "
                         "the samples are identical, with a network they agree to floating-point rounding")

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from .prediction import PREDICTIONS, Denoiser
 from .sde import VPSDE
+from .units import Affine
 
 ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = ASSETS / "digits"
@@ -78,17 +79,11 @@ class Pretrained:
                              f"got {tuple(x.shape)}")
         data = self.config.get("data", {})
         units = data.get("units", {"scale": 1.0, "shift": 0.0})
-        y = x * self._per_channel(units["scale"], x) + self._per_channel(units["shift"], x)
+        y = Affine(units["scale"], units["shift"])(x, sample_ndim=len(shape))
         if clip and len(shape) == 3 and data.get("data_range") is not None:
             low, high = data["data_range"]
             y = y.clamp(low, high)
         return y
-
-    def _per_channel(self, value, x: torch.Tensor) -> torch.Tensor:
-        """A number, or a list over channels (the first axis of a sample, the last for 1-D samples)
-        shaped to broadcast over the sample's other axes."""
-        value = torch.as_tensor(value, dtype=x.dtype, device=x.device)
-        return value.reshape(-1, *[1] * (len(self.sample_shape) - 1)) if value.ndim else value
 
 
 def sde_from_config(schedule: dict) -> VPSDE:

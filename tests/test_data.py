@@ -392,7 +392,7 @@ def _ids(batch):
 
 def test_ranks_share_each_epoch_disjointly():
     data, world = _indexed(50), 3
-    streams = [D.make_loader(data, 4, seed=9, rank=r, world_size=world) for r in range(world)]
+    streams = [D.BatchStream(data, 4, seed=9, rank=r, world_size=world) for r in range(world)]
     assert all(s.batches_per_epoch == 4 for s in streams)  # 50 // 3 = 16 each, 4 full batches
     for epoch in range(2):
         shares = [sum((_ids(b) for b in _take(s, 4)), []) for s in streams]
@@ -404,58 +404,58 @@ def test_ranks_share_each_epoch_disjointly():
 
 def test_labels_follow_their_items_and_unlabelled_data():
     data = _indexed(20)
-    x, y = next(D.make_loader(data, 5, seed=0))
+    x, y = next(D.BatchStream(data, 5, seed=0))
     assert torch.equal(y, (x[:, 0].long() * 7) % 3)
-    x, y = next(D.make_loader(_indexed(20, labelled=False), 5, seed=0))
+    x, y = next(D.BatchStream(_indexed(20, labelled=False), 5, seed=0))
     assert y is None and x.shape == (5, 1)
 
 
 def test_reshuffled_each_epoch_and_seeded():
     data = _indexed(24)
-    stream = D.make_loader(data, 6, seed=1)
+    stream = D.BatchStream(data, 6, seed=1)
     epochs = [sum((_ids(b) for b in _take(stream, 4)), []) for _ in range(3)]
     assert all(sorted(e) == list(range(24)) for e in epochs)  # each epoch a permutation
     assert epochs[0] != epochs[1] != epochs[2]
-    again = D.make_loader(data, 6, seed=1)
+    again = D.BatchStream(data, 6, seed=1)
     assert [_ids(b) for b in _take(again, 12)] == [e[i:i + 6] for e in epochs for i in range(0, 24, 6)]
-    other = D.make_loader(data, 6, seed=2)
+    other = D.BatchStream(data, 6, seed=2)
     assert [_ids(b) for b in _take(other, 4)] != [epochs[0][i:i + 6] for i in range(0, 24, 6)]
 
 
 def test_drop_last_false_keeps_the_short_batch():
     data = _indexed(23)
-    stream = D.make_loader(data, 5, seed=0, rank=1, world_size=2, drop_last=False)
+    stream = D.BatchStream(data, 5, seed=0, rank=1, world_size=2, drop_last=False)
     assert stream.batches_per_epoch == 3  # share of 11: 5, 5, 1
     sizes = [len(b[0]) for b in _take(stream, 6)]
     assert sizes == [5, 5, 1, 5, 5, 1]
-    full = D.make_loader(data, 5, seed=0, rank=1, world_size=2)
+    full = D.BatchStream(data, 5, seed=0, rank=1, world_size=2)
     assert [len(b[0]) for b in _take(full, 3)] == [5, 5, 5]
 
 
 def test_resume_gives_the_same_batches():
     data = _indexed(30)
     for rank in range(2):
-        straight = D.make_loader(data, 4, seed=7, rank=rank, world_size=2)  # 3 batches per epoch
+        straight = D.BatchStream(data, 4, seed=7, rank=rank, world_size=2)  # 3 batches per epoch
         _take(straight, 5)
         state = straight.state_dict()
         expected = [_ids(b) for b in _take(straight, 8)]
-        resumed = D.make_loader(data, 4, seed=7, rank=rank, world_size=2)
+        resumed = D.BatchStream(data, 4, seed=7, rank=rank, world_size=2)
         resumed.load_state_dict(state)
         assert [_ids(b) for b in _take(resumed, 8)] == expected
 
 
 def test_state_mismatch():
     data = _indexed(30)
-    stream = D.make_loader(data, 4, seed=7)
+    stream = D.BatchStream(data, 4, seed=7)
     _take(stream, 2)
     state = stream.state_dict()
     with pytest.raises(ValueError, match="seed"):
-        D.make_loader(data, 4, seed=8).load_state_dict(state)
+        D.BatchStream(data, 4, seed=8).load_state_dict(state)
     with pytest.raises(ValueError, match="30 items"):
-        D.make_loader(_indexed(40), 4, seed=7).load_state_dict(state)
+        D.BatchStream(_indexed(40), 4, seed=7).load_state_dict(state)
     with pytest.raises(ValueError, match="missing keys"):
         stream.load_state_dict({"epoch": 1})
-    moved = D.make_loader(data, 5, seed=7)
+    moved = D.BatchStream(data, 5, seed=7)
     with pytest.warns(UserWarning, match="epoch 1"):
         moved.load_state_dict(state)
     assert (moved.epoch, moved.position) == (1, 0)
@@ -464,9 +464,9 @@ def test_state_mismatch():
 def test_batch_larger_than_a_share():
     data = _indexed(10)
     with pytest.raises(ValueError, match="batch_size=6") as err:
-        D.make_loader(data, 6, seed=0, world_size=2)
+        D.BatchStream(data, 6, seed=0, world_size=2)
     assert "10" in str(err.value) and "world_size=2" in str(err.value)
-    D.make_loader(data, 5, seed=0, world_size=2)  # exactly a share is fine
+    D.BatchStream(data, 5, seed=0, world_size=2)  # exactly a share is fine
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -477,7 +477,7 @@ def test_batch_larger_than_a_share():
 def test_bad_stream_arguments(kwargs, error, match):
     args = {"batch_size": 2, "seed": 0, **kwargs}
     with pytest.raises(error, match=match):
-        D.make_loader(_indexed(10), args.pop("batch_size"), **args)
+        D.BatchStream(_indexed(10), args.pop("batch_size"), **args)
 
 
 def test_data_checks_and_device_move():
@@ -488,3 +488,16 @@ def test_data_checks_and_device_move():
     moved = _indexed(6).to("cpu")
     assert len(moved) == 6 and moved.sample_shape == (1,)
     assert pickle.loads(pickle.dumps(D.load_data("moons", n=10))).to_data_units is not None
+
+
+def test_data_units_apply_per_channel_along_a_samples_first_axis():
+    """One Affine serves training (batch first) and sampling (any leading axes): a per-channel scale
+    acts on the channels of an image and the coordinates of a point, never on an image's last axis."""
+    from scoresde.units import Affine
+
+    units = Affine((1.0, 10.0), (0.0, 5.0))
+    images = torch.ones(4, 2, 3, 3)
+    out = units(images)
+    assert torch.equal(out[:, 0], torch.ones(4, 3, 3)) and torch.equal(out[:, 1], torch.full((4, 3, 3), 15.0))
+    assert torch.equal(units(images[None], sample_ndim=3), out[None])  # extra leading axes
+    assert torch.equal(units(torch.ones(5, 2)), torch.tensor([[1.0, 15.0]] * 5))  # points: their coordinates

@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..cli import _positive_int
+from .._util import positive_int_argument
 from . import quality, speed, training
 from .report import Env, machine, versions
 
 PARTS = {"quality": quality, "speed": speed, "train": training}
-PROFILES = ("tiny", "quick", "full")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/bench", help="results folder (default: results/bench)")
     p.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS), metavar="PART",
                    help=f"run only these parts, of {', '.join(PARTS)} (default: all)")
-    p.add_argument("--threads", type=_positive_int, default=None,
+    p.add_argument("--threads", type=positive_int_argument, default=None,
                    help="torch threads (default: torch's; 1 gives steadier numbers on a busy machine)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     return p

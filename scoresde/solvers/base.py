@@ -35,9 +35,6 @@ class Solver:
     def adaptive(self) -> bool:
         return self.grid is None
 
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
 
 SOLVERS: dict[str, Solver] = {}
 """Every registered solver by name (`sd.sample(..., solver=name)`); `register` adds to it."""

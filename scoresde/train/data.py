@@ -32,6 +32,7 @@ import torch
 
 from ..analytic import GaussianMixture
 from ..sde import VPSDE
+from ..units import EIGHT_BIT, IDENTITY, Affine
 
 DATASETS = ("digits", "moons", "swissroll", "mixture")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -43,27 +44,7 @@ class DataPathError(FileNotFoundError, ValueError):
 
 
 # ---- the result type ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Affine:
-    """x -> x * scale + shift; scale and shift are floats or per-coordinate tuples (last axis).
-
-    A plain picklable object rather than a lambda, so a `Data` can cross process boundaries.
-    """
-
-    scale: float | tuple = 1.0
-    shift: float | tuple = 0.0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        scale = torch.as_tensor(self.scale, dtype=x.dtype, device=x.device)
-        shift = torch.as_tensor(self.shift, dtype=x.dtype, device=x.device)
-        return x * scale + shift
-
-
-EIGHT_BIT = Affine(127.5, 127.5)  # model units [-1, 1] -> 0..255
-EIGHT_BIT_RANGE = (0.0, 255.0)
-IDENTITY = Affine(1.0, 0.0)
+EIGHT_BIT_RANGE = (0.0, 255.0)  # the data range of EIGHT_BIT's images
 
 
 @dataclass
@@ -875,9 +856,3 @@ def _check_stream_args(data, batch_size, seed, rank, world_size) -> None:
         raise ValueError(f"batch_size={batch_size} is larger than each rank's share of the data set "
                          f"{data.name!r}: {len(data)} items / world_size={world_size} = "
                          f"{len(data) // world_size}; use batch_size <= {len(data) // world_size}")
-
-
-def make_loader(data: Data, batch_size: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                drop_last: bool = True) -> BatchStream:
-    """An endless, resumable `BatchStream` of (x, y) batches for one rank (see BatchStream)."""
-    return BatchStream(data, batch_size, seed=seed, rank=rank, world_size=world_size, drop_last=drop_last)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .sde import VPSDE
 from .solvers import sample
 from ._lock import FolderLockedError, folder_lock
 from ._util import as_path, check_count
@@ -176,19 +179,38 @@ def _write_chunk(path: Path, x: torch.Tensor):
     write_atomic(path, buffer.getvalue())
 
 
-def sample_to_disk(model, sde, n: int, out_dir, *, sample_shape, batch_size: int = 1000, seed: int = 0,
-                   transform=None, meta: dict | None = None, progress: bool = True, **sample_kwargs) -> ChunkedRun:
+def sample_to_disk(model: Callable, sde: VPSDE, n: int, out_dir: str | os.PathLike, *,
+                   sample_shape: Sequence[int], batch_size: int = 1000, seed: int = 0,
+                   transform: Callable | None = None, meta: dict | None = None, progress: bool = True,
+                   **sample_kwargs: object) -> ChunkedRun:
     """Draw `n` samples in chunks of at most `batch_size`, writing each chunk to `out_dir` as it finishes.
 
-    sample_shape: one sample's shape. seed: sample i uses a generator seeded with
-        `sample_seed(seed, i)` (see the module docstring for when the chunking cannot matter).
-    transform: applied to each chunk before it is written (e.g. `Pretrained.to_data_units`);
-        not recorded, say so in `meta`. meta: JSON data recorded and compared on reruns.
-    **sample_kwargs: passed to `sd.sample` (solver, steps, grid, t_end, dtype, device, solver options).
-    A rerun with the same arguments draws only the chunks missing on disk. A NaN or inf from the model
-    stops the run with the chunk, step and t; the chunks before it stay on disk. The folder's lock is
-    held for the whole run: a second writer gets `FolderLockedError` (an OSError) naming the folder and
-    the PID of the process holding it, and writes nothing.
+    A rerun with the same arguments draws only the chunks missing on disk. The folder's lock is held
+    for the whole run: a second writer is refused and writes nothing.
+
+    Args:
+        model: a `Denoiser` or a callable model(x, t) -> eps, as for `sample`.
+        sde: its schedule.
+        n: how many samples.
+        out_dir: the folder (created if needed; new, empty, or an earlier run of the same arguments).
+        sample_shape: one sample's shape (no batch dimension).
+        batch_size: samples per chunk.
+        seed: sample i uses a generator seeded with `sample_seed(seed, i)` (see the module docstring
+            for when the chunking cannot matter).
+        transform: applied to each chunk before it is written (e.g. `Pretrained.to_data_units`);
+            not recorded: say so in `meta`.
+        meta: JSON data recorded in the manifest and compared on reruns.
+        progress: a progress bar of samples.
+        **sample_kwargs: passed to `sd.sample` (solver, steps, grid, t_end, dtype, device, solver
+            options).
+
+    Returns:
+        A `ChunkedRun`: how many chunks there are, were drawn now and were found finished.
+
+    Raises:
+        FolderLockedError: another process writes to `out_dir` (an OSError naming its PID).
+        CheckpointError: the folder holds chunks drawn with other arguments, or a damaged manifest.
+        FloatingPointError: the model returned NaN or inf; the chunks before it stay on disk.
     """
     out = as_path("out_dir", out_dir)
     n, batch_size = check_count("n", n, maximum=None), check_count("batch_size", batch_size, maximum=None)

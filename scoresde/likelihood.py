@@ -44,6 +44,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -291,28 +292,49 @@ def _progress_bar(progress, solver, steps, lam0, lam1, batch):
 
 
 # ---- the entry point ---------------------------------------------------------------------------
-def log_likelihood(model, sde: VPSDE, x: torch.Tensor, *, t_eps: float | None = None, divergence: str = "auto",
-                   probes: int = 1, probe: str = "rademacher", solver: str = "dopri5", steps: int | None = None,
-                   rtol: float = 1e-5, atol: float = 1e-5, levels: int | None = None, generator=None,
-                   return_stats: bool = False, progress: bool = False) -> LikelihoodResult:
+def log_likelihood(model: Callable, sde: VPSDE, x: torch.Tensor, *, t_eps: float | None = None,
+                   divergence: str = "auto", probes: int = 1, probe: str = "rademacher", solver: str = "dopri5",
+                   steps: int | None = None, rtol: float = 1e-5, atol: float = 1e-5, levels: int | None = None,
+                   generator: torch.Generator | None = None, return_stats: bool = False,
+                   progress: bool = False) -> LikelihoodResult:
     """log p_{t_eps}(x) per sample through the probability-flow ODE (Song et al. 2021, sec. 4.3).
 
-    model: a Denoiser or a plain eps callable model(x, t); it must be differentiable in x and treat
-        samples independently (eval mode: no dropout, no batch statistics).
-    x: float (batch, *sample_shape) in model units; for images, dequantized data (see `dequantize`).
-    t_eps: where the ODE starts (default 1e-5 as Song et al.; 1/N, the first step, for a DDPM chain).
-    divergence: "exact" (D vector-Jacobian products per model call), "hutchinson" (one per probe,
-        the `probes` probes drawn once from `generator` and fixed over the solve) or "auto" (exact
-        for D <= 16). probe: "rademacher" or "gaussian".
-    solver: "dopri5" (adaptive, torchdiffeq; rtol, atol) or "euler", "heun", "rk4" (fixed `steps`,
-        uniform in lambda, default about 200 model calls; no host read inside the loop).
-    levels: the number of integer levels x was dequantized from (256 for 8-bit, 17 for the digits):
-        x's range is checked and `bpd` reported.
-    return_stats: also return prior_logp, delta_logp and the latent x_T.
-    progress: a tqdm progress bar with an ETA on stderr: the steps of a fixed-step solver, or the
-        log-SNR span dopri5 has covered (its ETA is rough: step sizes change along the way), with
-        the model calls so far.
     The ODE state is float64 (the model sees x's dtype); nats come back as float64 on x's device.
+
+    Args:
+        model: a Denoiser or a plain eps callable model(x, t); it must be differentiable in x and
+            treat samples independently (eval mode: no dropout, no batch statistics).
+        sde: the model's schedule.
+        x: float (batch, *sample_shape) in model units; for images, dequantized data (see
+            `dequantize`).
+        t_eps: where the ODE starts (default 1e-5 as Song et al.; 1/N, the first step, for a DDPM
+            chain).
+        divergence: "exact" (D vector-Jacobian products per model call), "hutchinson" (one per
+            probe, the `probes` probes drawn once from `generator` and fixed over the solve) or
+            "auto" (exact for D <= 16).
+        probes: Hutchinson probes per model call.
+        probe: "rademacher" or "gaussian".
+        solver: "dopri5" (adaptive, torchdiffeq; rtol, atol) or "euler", "heun", "rk4" (fixed
+            `steps`, uniform in lambda, default about 200 model calls; no host read inside the loop).
+        steps: steps of a fixed-step solver.
+        rtol: dopri5's relative tolerance.
+        atol: dopri5's absolute tolerance.
+        levels: the number of integer levels x was dequantized from (256 for 8-bit, 17 for the
+            digits): x's range is checked and `bpd` reported.
+        generator: seeds the probes.
+        return_stats: also return prior_logp, delta_logp and the latent x_T.
+        progress: a tqdm progress bar with an ETA on stderr: the steps of a fixed-step solver, or the
+            log-SNR span dopri5 has covered (its ETA is rough: step sizes change along the way),
+            with the model calls so far.
+
+    Returns:
+        A `LikelihoodResult` (nats per sample, bpd when `levels` is given, the NFE, and the stats
+        asked for).
+
+    Raises:
+        TypeError, ValueError: an argument that is wrong, named with its value and what is allowed.
+        FloatingPointError: the model returned NaN or inf, or the log-likelihood diverged.
+        RuntimeError: called under torch.inference_mode() (the divergence needs autograd).
     """
     if not isinstance(sde, VPSDE):
         raise TypeError(f"sde={sde!r}: expected a scoresde.VPSDE")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -174,25 +175,49 @@ def _check_resolved(sde: VPSDE, times: torch.Tensor, dtype: torch.dtype):
                          "every solver needs lambda strictly rising from T to t_end")
 
 
-def sample(model, sde: VPSDE, *, shape=None, x_T=None, solver: str = "heun", steps: int | None = None,
-           grid=None, t_end: float | None = None, final_denoise: bool = True, generator=None, noise=None,
-           dtype=None, device=None, callback=None, progress: bool = False, return_info: bool = False,
-           grad: bool = False, **options):
+def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x_T: torch.Tensor | None = None,
+           solver: str = "heun", steps: int | None = None, grid: str | Callable | torch.Tensor | None = None,
+           t_end: float | None = None, final_denoise: bool = True,
+           generator: torch.Generator | Sequence[torch.Generator] | None = None, noise: Callable | None = None,
+           dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+           callback: Callable | None = None, progress: bool = False, return_info: bool = False,
+           grad: bool = False, **options: object) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
     """Draw samples by running `solver` from the prior at T down to `t_end`.
 
-    model: a `Denoiser`, or a callable model(x, t) -> eps with t a (batch,) tensor of times.
-    steps, grid: the step count and the time grid ("uniform", "quadratic", "log_snr", "karras",
-        a callable grid(sde, steps, t_start, t_end) or an explicit decreasing tensor of times);
-        adaptive solvers ("dopri5", "rk45") take neither. Defaults: about 50 model calls on the
-        solver's own default grid.
-    t_end: where the solver stops (default: sde.t_min); final_denoise then returns x0_hat there
-        (one more model call).
-    generator / noise: a torch.Generator (or a list, one per sample) seeds x_T and every draw;
-        `noise` replaces the noise source (e.g. `BrownianNoise` to couple runs).
-    callback(i, t, x): called after each step. progress: show a progress bar of model calls.
-    return_info: also return a `SampleInfo` (NFE, grid). **options: the solver's own options.
-    grad: record the run for autograd, so that gradients reach x_T, the model's parameters or the grid
-        (memory grows with the steps). By default sampling runs under torch.no_grad().
+    The whole input is checked before the first model call (see the validation catalogue).
+
+    Args:
+        model: a `Denoiser`, or a callable model(x, t) -> eps with t a (batch,) tensor of times.
+        sde: the schedule the model was trained on.
+        shape: (batch, ...) of the samples to draw; or give `x_T`.
+        x_T: the starting points at T (finite; at least one dimension after the batch).
+        solver: a name in `SOLVERS`.
+        steps: steps of a fixed-step solver (default: about 50 model calls); at most 10^5.
+        grid: "uniform", "quadratic", "log_snr", "karras", a callable grid(sde, steps, t_start,
+            t_end), or an explicit decreasing tensor of times (default: the solver's own).
+            Adaptive solvers ("dopri5", "rk45", "adaptive_sde") take neither steps nor grid.
+        t_end: where the solver stops (default: sde.t_min); the schedule must resolve it in the
+            samples' dtype.
+        final_denoise: return x0_hat at t_end (one more model call).
+        generator: seeds x_T and every draw; a list of them, one per sample, makes a sample's noise
+            independent of its batch.
+        noise: a noise source in place of the generator (e.g. `BrownianNoise` to couple runs).
+        dtype: the samples' dtype (default: torch's default, or x_T's).
+        device: where to sample (default: cpu, or x_T's device).
+        callback: callback(i, t, x), called after each step.
+        progress: show a progress bar of model calls.
+        return_info: also return a `SampleInfo` (NFE, solver, grid).
+        grad: record the run for autograd, so that gradients reach x_T, the model's parameters or
+            the grid (memory grows with the steps). By default sampling runs under torch.no_grad().
+        **options: the solver's own options (see its entry in `SOLVERS`).
+
+    Returns:
+        The samples, shaped like x_T; with `return_info`, the pair (samples, SampleInfo).
+
+    Raises:
+        TypeError, ValueError: an argument that is wrong, named with its value and what is allowed.
+        FloatingPointError: the model returned NaN or inf (with the model call, step and t).
+        RuntimeError: an adaptive solver gave up (max_steps, step-size underflow).
     """
     if not isinstance(sde, VPSDE):
         raise TypeError(f"sde={sde!r}: expected a scoresde.VPSDE")

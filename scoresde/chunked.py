@@ -38,7 +38,7 @@ from .sde import VPSDE
 from .solvers import sample
 from ._lock import FolderLockedError, folder_lock
 from ._util import as_path, check_count
-from .train.checkpoint import CheckpointError, config_differences, write_atomic
+from .files import CheckpointError, config_differences, write_atomic
 
 __all__ = ["ChunkedRun", "FolderLockedError", "load_samples", "sample_to_disk", "sample_seed"]
 

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from .prediction import PREDICTIONS, Denoiser
 from .sde import VPSDE
+from .files import write_atomic
 from .units import Affine
 
 ASSETS = Path(__file__).parent / "assets"
@@ -294,6 +295,6 @@ def export_model(checkpoint_path, out_dir) -> Path:
     config = {key: found.config[key] for key in ("architecture", "schedule", "prediction", "data")}
     config["weights"] = {"file": ckpt.MODEL, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     config["source"] = {"checkpoint": str(found.path), "step": found.step, "train": found.config.get("train")}
-    ckpt.write_atomic(out / ckpt.MODEL, data)
-    ckpt.write_atomic(out / ckpt.CONFIG, (json.dumps(config, indent=1) + "\n").encode())
+    write_atomic(out / ckpt.MODEL, data)
+    write_atomic(out / ckpt.CONFIG, (json.dumps(config, indent=1) + "\n").encode())
     return out

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoresde.train import checkpoint as ckpt
+from scoresde import files
 from scoresde.train.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -164,7 +164,7 @@ def _assert_untouched(root, step=1):
 
 def test_crash_after_the_first_file_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     _save(tmp_path, 1)
-    real, calls = ckpt._write_file, []
+    real, calls = files.write_file, []
 
     def crash_on_second(path, data):
         calls.append(path.name)
@@ -172,7 +172,7 @@ def test_crash_after_the_first_file_leaves_the_previous_checkpoint(tmp_path, mon
             raise RuntimeError("simulated crash")
         return real(path, data)
 
-    monkeypatch.setattr(ckpt, "_write_file", crash_on_second)
+    monkeypatch.setattr(files, "write_file", crash_on_second)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _save(tmp_path, 2)
     assert calls[0] == "model.safetensors"

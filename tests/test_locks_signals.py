@@ -22,6 +22,7 @@ import torch
 import scoresde as sd
 from scoresde import cli
 from scoresde.chunked import FolderLockedError, sample_seed
+from scoresde import files
 from scoresde.train import checkpoint as ckpt
 from scoresde.train import loop
 from scoresde.train.config import apply_overrides, preset
@@ -281,7 +282,7 @@ def test_a_second_signal_while_saving(tmp_path, monkeypatch, signals, saved):
     changes nothing. Either way no partial file remains, and the signal handlers are restored."""
     out = tmp_path / "run"
     first, second = signals
-    real_loss, real_write, loss_calls = loop.diffusion_loss, ckpt._write_file, [0]
+    real_loss, real_write, loss_calls = loop.diffusion_loss, files.write_file, [0]
 
     def signal_in_step_6(*args, **kwargs):
         loss_calls[0] += 1
@@ -295,7 +296,7 @@ def test_a_second_signal_while_saving(tmp_path, monkeypatch, signals, saved):
         return real_write(path, data)
 
     monkeypatch.setattr(loop, "diffusion_loss", signal_in_step_6)
-    monkeypatch.setattr(ckpt, "_write_file", signal_mid_save)
+    monkeypatch.setattr(files, "write_file", signal_mid_save)
     handlers = {s: signal.getsignal(s) for s in SIGNALS}
     with pytest.raises(loop.TrainingInterrupted) as info:
         loop.train(toy(out, steps=1000, ckpt_every=4))

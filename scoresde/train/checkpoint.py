@@ -23,7 +23,6 @@ One writer per root at a time (in a distributed run, rank 0 saves).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import math
@@ -31,7 +30,6 @@ import os
 import pickle
 import random
 import re
-import secrets
 import shutil
 import warnings
 from collections import OrderedDict
@@ -44,7 +42,9 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from .. import files as disk
 from .._util import as_path, check_count
+from ..files import CheckpointError, config_differences, write_atomic  # noqa: F401 (re-exported)
 
 __all__ = [
     "Checkpoint",
@@ -71,11 +71,6 @@ _LEFTOVER = re.compile(r"\.step_(\d+)\.(tmp|old)-[0-9a-f]+")  # a crashed save's
 _TRASH = re.compile(r"\.(step_\d+\.(tmp|old|del)|latest\.tmp)-[0-9a-f]+")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_CHUNK = 1 << 26  # bytes per os.write call
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded or does not match: the message names the file and why."""
 
 
 class CheckpointWriteError(OSError):
@@ -179,55 +174,9 @@ def _check_plain(where: str, value):
 
 
 # ---- writing -------------------------------------------------------------------------------------
-def _write_file(path: Path, data: bytes) -> dict:
-    """Write `data` to a new file and fsync it; returns its manifest entry."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view[:_CHUNK]):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def _fsync_dir(path: Path):
-    """Make renames inside `path` durable (POSIX; Windows cannot open a directory)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _hidden(root: Path, name: str, kind: str) -> Path:
-    return root / f".{name}.{kind}-{secrets.token_hex(4)}"
-
-
-def write_atomic(path: Path, data: bytes) -> dict:
-    """Replace `path` with `data` so that a reader (or a process killed at any moment) sees the old
-    file or the whole new one, never a part: a hidden temporary file beside it, fsync'd, then
-    os.replace and an fsync of the directory. Returns the file's manifest entry."""
-    tmp = _hidden(path.parent, path.name, "tmp")
-    try:
-        entry = _write_file(tmp, data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        _fsync_dir(path.parent)
-    except OSError as e:  # after the commit point: the file stands
-        warnings.warn(f"{path.parent}: could not fsync the directory after replacing {path.name} ({e})")
-    return entry
-
-
 def _write_latest(root: Path, name: str):
     """Point `latest` at `name`: the save's commit point."""
-    write_atomic(root / LATEST, (name + "\n").encode())
+    disk.write_atomic(root / LATEST, (name + "\n").encode())
 
 
 def _serialize(step: int, model, ema, config_bytes: bytes, state) -> list:
@@ -250,7 +199,7 @@ def _commit(root: Path, tmp: Path, final: Path):
     On failure, undo: `tmp` is back in place for the caller to remove, `final` as it was."""
     aside = None
     if final.exists():  # a re-save of the same step
-        aside = _hidden(root, final.name, "old")
+        aside = disk.hidden_path(root, final.name, "old")
         os.rename(final, aside)
     try:
         os.rename(tmp, final)
@@ -260,7 +209,7 @@ def _commit(root: Path, tmp: Path, final: Path):
                 os.rename(aside, final)
         raise
     try:
-        _fsync_dir(root)
+        disk.fsync_dir(root)
         _write_latest(root, final.name)
     except BaseException:
         with contextlib.suppress(OSError):  # undo; if even that fails, `latest` still names the old one
@@ -274,7 +223,7 @@ def _commit(root: Path, tmp: Path, final: Path):
 
 def _remove_dir(path: Path):
     """Rename out of sight first, so that a half-deleted directory is never taken for a checkpoint."""
-    trash = _hidden(path.parent, path.name.lstrip(".").split(".")[0], "del")
+    trash = disk.hidden_path(path.parent, path.name.lstrip(".").split(".")[0], "del")
     try:
         os.rename(path, trash)
         shutil.rmtree(trash)
@@ -325,13 +274,13 @@ def save_checkpoint(root, step: int, *, model_state: Mapping[str, torch.Tensor],
     final, tmp = root / f"step_{step:08d}", None
     try:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = _hidden(root, final.name, "tmp")
+        tmp = disk.hidden_path(root, final.name, "tmp")
         os.mkdir(tmp)
-        files = {name: _write_file(tmp / name, make())
+        files = {name: disk.write_file(tmp / name, make())
                  for name, make in _serialize(step, model, ema, config_bytes, state)}
         manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
-        _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
-        _fsync_dir(tmp)
+        disk.write_file(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        disk.fsync_dir(tmp)
         _commit(root, tmp, final)
     except BaseException as e:
         if tmp is not None:
@@ -350,29 +299,12 @@ def save_checkpoint(root, step: int, *, model_state: Mapping[str, torch.Tensor],
 
 
 # ---- reading -------------------------------------------------------------------------------------
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
-
-
-def _read_json(path: Path, data: bytes) -> dict:
-    try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, found {type(value).__name__}")
-    return value
-
-
 def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{directory}: incomplete checkpoint: {MANIFEST} is missing "
                               "(the save did not finish, or this is not a checkpoint directory)")
-    manifest = _read_json(path, _read_bytes(path))
+    manifest = disk.read_json(path, disk.read_bytes(path))
     if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{path}: not a {FORMAT} manifest")
     if not isinstance(manifest.get("version"), int) or manifest["version"] > VERSION:
@@ -385,21 +317,6 @@ def _read_manifest(directory: Path) -> dict:
                 or not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str)):
             raise CheckpointError(f"{path}: malformed entry {name!r}: {entry!r}")
     return manifest
-
-
-def _read_verified(path: Path, entry: dict, source: str = "the manifest") -> bytes:
-    """The file's bytes, after checking its size and SHA-256 against `entry` (from `source`: the
-    manifest, or an exported model's config.json)."""
-    data = _read_bytes(path)
-    if len(data) != entry["size"]:
-        what = "truncated" if len(data) < entry["size"] else "longer than written"
-        raise CheckpointError(f"{path}: {len(data)} bytes, but {entry['size']} were written: "
-                              f"the file is {what}")
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry["sha256"]:
-        raise CheckpointError(f"{path}: SHA-256 {digest[:16]}... does not match {source}'s "
-                              f"{entry['sha256'][:16]}...: the file is corrupted")
-    return data
 
 
 def _parse_tensors(path: Path, data: bytes, device: torch.device) -> dict[str, torch.Tensor]:
@@ -444,12 +361,12 @@ def _load_dir(directory: Path, device: torch.device) -> Checkpoint:
     missing = [n for n in _REQUIRED if n not in files] + [n for n in files if not (directory / n).is_file()]
     if missing:
         raise CheckpointError(f"{directory}: missing file(s) {', '.join(missing)}")
-    data = {name: _read_verified(directory / name, entry) for name, entry in files.items()}
+    data = {name: disk.read_verified(directory / name, entry) for name, entry in files.items()}
     return Checkpoint(
         path=directory, step=manifest.get("step"),
         model_state=_parse_tensors(directory / MODEL, data[MODEL], device),
         ema_state=_parse_tensors(directory / EMA, data[EMA], device) if EMA in data else None,
-        config=_read_json(directory / CONFIG, data[CONFIG]),
+        config=disk.read_json(directory / CONFIG, data[CONFIG]),
         state=_parse_state(directory / STATE, data[STATE]))
 
 
@@ -488,8 +405,8 @@ def _read_member(path: Path, config_path: Path) -> tuple[bytes, dict]:
     if unlisted:
         raise CheckpointError(f"{path.parent}: {', '.join(unlisted)} not in its {MANIFEST}: not part "
                               "of the checkpoint, so it cannot be verified")
-    data, config = (_read_verified(p, entries[p.name]) for p in (path, config_path))
-    return data, _read_json(config_path, config)
+    data, config = (disk.read_verified(p, entries[p.name]) for p in (path, config_path))
+    return data, disk.read_json(config_path, config)
 
 
 def _read_exported(path: Path, config_path: Path) -> tuple[bytes, dict]:
@@ -503,8 +420,8 @@ def _read_exported(path: Path, config_path: Path) -> tuple[bytes, dict]:
             f"files ({', '.join(traces)}): its files cannot be verified, so it is not loaded (the save "
             "did not finish or the manifest was deleted; load another checkpoint of the run, or "
             "re-export the model with scoresde export)")
-    config = _read_json(config_path, _read_bytes(config_path))
-    return _read_verified(path, _weights_digest(config_path, config, path), source=str(config_path)), config
+    config = disk.read_json(config_path, disk.read_bytes(config_path))
+    return disk.read_verified(path, _weights_digest(config_path, config, path), source=str(config_path)), config
 
 
 def _load_weights_file(path: Path, device: torch.device) -> Checkpoint:
@@ -646,44 +563,13 @@ def latest_checkpoint(root, *, verify: bool = False) -> Path | None:
 
 
 # ---- compatibility -------------------------------------------------------------------------------
-_MISSING = object()
-
-
 def _lookup(config, dotted: str):
     value = config
     for part in dotted.split("."):
         if not isinstance(value, Mapping) or part not in value:
-            return _MISSING
+            return disk.MISSING
         value = value[part]
     return value
-
-
-def _as_json(value):
-    """Tuples as lists, as they come back from config.json."""
-    if isinstance(value, Mapping):
-        return {k: _as_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_as_json(v) for v in value]
-    return value
-
-
-def _same(a, b) -> bool:
-    return a == b and isinstance(a, bool) == isinstance(b, bool)
-
-
-def _show(value) -> str:
-    return "(missing)" if value is _MISSING else repr(value)
-
-
-def _differences(key: str, saved, expected) -> list[str]:
-    if isinstance(saved, Mapping) and isinstance(expected, Mapping):
-        out = []
-        for sub in sorted(set(saved) | set(expected), key=str):
-            out += _differences(f"{key}.{sub}", saved.get(sub, _MISSING), expected.get(sub, _MISSING))
-        return out
-    if saved is not _MISSING and expected is not _MISSING and _same(saved, expected):
-        return []
-    return [f"{key}: saved {_show(saved)}, expected {_show(expected)}"]
 
 
 def check_compatible(checkpoint: Checkpoint, expected: Mapping,
@@ -702,23 +588,15 @@ def check_compatible(checkpoint: Checkpoint, expected: Mapping,
     for key in keys:
         if not isinstance(key, str) or not key:
             raise TypeError(f"keys: {key!r} is not a (dotted) key name")
-    expected = _as_json(expected)
+    expected = disk.as_json(expected)
     mismatches = []
     for key in keys:
         saved, wanted = _lookup(checkpoint.config, key), _lookup(expected, key)
-        if saved is not _MISSING or wanted is not _MISSING:
-            mismatches += _differences(key, saved, wanted)
+        if saved is not disk.MISSING or wanted is not disk.MISSING:
+            mismatches += disk.differences(key, saved, wanted)
     if mismatches:
         raise CheckpointError(f"{checkpoint.config_path}: the checkpoint does not match:\n  "
                               + "\n  ".join(mismatches))
-
-
-def config_differences(saved: Mapping, expected: Mapping) -> list[str]:
-    """Every leaf at which two JSON-like dicts differ, as ``key: saved X, expected Y`` (tuples and
-    lists alike, 20 and 20.0 alike, True and 1 not)."""
-    saved, expected = _as_json(saved), _as_json(expected)
-    return [line for key in sorted(set(saved) | set(expected), key=str)
-            for line in _differences(key, saved.get(key, _MISSING), expected.get(key, _MISSING))]
 
 
 # ---- random states -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from .prediction import PREDICTIONS, Denoiser
 from .sde import VPSDE
-from .files import write_atomic
+from .files import CheckpointError, write_atomic
 from .units import Affine
 
 ASSETS = Path(__file__).parent / "assets"
@@ -100,8 +100,6 @@ def sde_from_config(schedule: dict) -> VPSDE:
 # ---- checking a config.json before anything is built ------------------------------------------------
 def _require(config_path: Path, field: str, value, ok: bool, allowed: str):
     """Refuse a config field that is not `ok`: the file, the field, its value and what is allowed."""
-    from .train.checkpoint import CheckpointError
-
     if not ok:
         raise CheckpointError(f"{config_path}: {field}={value!r}: expected {allowed}")
 

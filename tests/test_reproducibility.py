@@ -10,7 +10,7 @@ import torch
 
 import scoresde as sd
 from scoresde.solvers.base import GaussianNoise
-from scoresde.solvers.sde import _BrownianSteps
+from scoresde.solvers.reverse_sde import _BrownianSteps
 from test_solvers import NOISY_OPTIONS, SOLVER_NAMES, quick_kwargs, small_mixture
 
 DTYPES = [torch.float32, torch.float64]

@@ -13,7 +13,7 @@ from ..grids import GRIDS
 from ..prediction import Denoiser, declared_sample_shape, eps_to_x0
 from ..sde import VPSDE
 from .base import SOLVERS, BrownianNoise, GaussianNoise, ModelRun, Solver, register
-from . import ancestral, ode, sde as _sde_solvers  # noqa: F401  (each registers its solvers)
+from . import ancestral, ode, reverse_sde  # noqa: F401  (each registers its solvers)
 from . import adaptive_sde, dpm, edm, pc, unipc  # noqa: F401
 
 DEFAULT_NFE = 50  # steps default to about this many model calls

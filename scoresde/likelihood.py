@@ -39,10 +39,7 @@ from ours by the scale of the model's input and log2(128/127.5) = 0.0056 bits in
 """
 from __future__ import annotations
 
-import argparse
 import math
-import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +47,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ._util import F64, check_count, check_flag, device_argument, host_floats, seed_argument
+from ._util import F64, check_count, check_flag, host_floats
 from .prediction import Denoiser, declared_sample_shape
 from .sde import VPSDE
 from .solvers.ode import EULER, HEUN, RK4, check_tolerances
@@ -411,83 +408,4 @@ def log_likelihood(model: Callable, sde: VPSDE, x: torch.Tensor, *, t_eps: float
     return result
 
 
-# ---- command line: scoresde likelihood -----------------------------------------------------------
-DIGITS_LEVELS = 17  # scikit-learn's digits take the integer values 0..16
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="scoresde likelihood",
-        description="Bits per dimension of scikit-learn's 8x8 digits under a model, through the probability-flow "
-                    "ODE. The digits' integer levels 0..16 are dequantized uniformly within their bins of width "
-                    "1/8 in model units (x = (k + u - 1/2)/8 - 1, centred on the training map k/8 - 1); "
-                    "bpd = -log p(x)/(64 ln 2) + 3. Prints the mean log-likelihood (nats), bpd with its standard "
-                    "error over the images, NFE and wall time.",
-        epilog="Cost: with the defaults (dopri5 at rtol = atol = 1e-5, about 550 model calls per batch, each with "
-               "one backward pass for Hutchinson's divergence estimate) the solve costs about 1 s per digit on "
-               "one CPU core in batches of 20 or more (several seconds for a digit alone): the default 200 digits "
-               "take a few minutes on a CPU, longer on a busy machine. --solver rk4 (200 model calls) is about "
-               "3 times faster for nearly the same bits/dim; --solver heun --steps 25 about 10 times but about "
-               "0.3 bits low; each extra --probes adds a backward pass per call (--probes 4: twice the time); "
-               "--divergence exact takes 64 backward passes per call (over a minute per digit). Measurements: "
-               "docs/training.md.")
-    p.add_argument("--model", default=None, help="a checkpoint or run folder of ours, or an exported model.safetensors "
-                                                 "trained on the digits (default: the shipped digits model)")
-    p.add_argument("--n", type=int, default=200, help="number of digits, a fixed random subset (default: 200)")
-    p.add_argument("--divergence", default="auto", choices=DIVERGENCES, help="divergence (default: auto)")
-    p.add_argument("--probes", type=int, default=1, help="Hutchinson probes per image (default: 1)")
-    p.add_argument("--solver", default="dopri5", choices=SOLVERS, help="ODE solver (default: dopri5)")
-    p.add_argument("--steps", type=int, default=None, help="steps of a fixed-step solver (default: ~200 model calls)")
-    p.add_argument("--seed", type=seed_argument, default=0,
-                   help="seed of the subset, the dequantization and the probes")
-    p.add_argument("--device", default="cpu", type=device_argument, help="torch device (default: cpu)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="a progress bar with an ETA on stderr (default: on when stderr is a terminal)")
-    return p
-
-
-def cli_main(args_list=None) -> int:
-    """`scoresde likelihood ...`: bits/dim of the digits under the shipped (or a given) model."""
-    args = _parser().parse_args(args_list)
-    try:
-        return _run_cli(args)
-    except (ValueError, TypeError, OSError, FloatingPointError) as err:  # bad input: its message, no traceback
-        print(f"scoresde likelihood: error: {err}", file=sys.stderr)
-        return 2
-
-
-def _run_cli(args) -> int:
-    from .pretrained import load_model
-    from .train.data import load_data
-
-    if args.n < 1 or args.probes < 1:
-        raise ValueError(f"--n={args.n}, --probes={args.probes}: expected ints >= 1")
-    model = load_model(args.model, device=args.device)
-    name = model.config.get("data", {}).get("name")
-    if name != "digits" or tuple(model.sample_shape) != (1, 8, 8):
-        raise ValueError(f"the model at {model.path} was trained on {name!r} of shape {model.sample_shape}; "
-                         "scoresde likelihood evaluates the digits (1, 8, 8)")
-    data = load_data("digits", n=args.n, seed=args.seed)
-    levels = torch.round((data.x.to(F64) + 1.0) * 8.0).to(torch.int64)  # back to the integers 0..16
-    gen = torch.Generator().manual_seed(args.seed)
-    x = dequantize(levels, DIGITS_LEVELS, generator=gen).to(args.device)
-    start = time.perf_counter()
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    res = log_likelihood(model.denoiser, model.sde, x, divergence=args.divergence, probes=args.probes,
-                         solver=args.solver, steps=args.steps, levels=DIGITS_LEVELS, generator=gen,
-                         progress=progress)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()  # sync: the wall time must include the GPU's work
-    wall = time.perf_counter() - start
-    bpd = res.bpd.cpu()
-    n = len(bpd)
-    se = float(bpd.std() / math.sqrt(n)) if n > 1 else float("nan")
-    print(f"digits: {n} images (the shipped model saw all 1,797 in training: a training-set likelihood)")
-    print(f"log-likelihood: {float(res.nats.mean()):.3f} nats per image (t_eps={res.t_eps:g}, "
-          f"divergence={res.divergence}{f', probes={args.probes}' if res.divergence == 'hutchinson' else ''})")
-    print(f"bits/dim: {float(bpd.mean()):.4f} +- {se:.4f} (standard error over the images)")
-    print(f"solver={args.solver} NFE={res.nfe} wall={wall:.2f}s device={args.device}")
-    return 0
-
-
-__all__ = ["LikelihoodResult", "bin_width", "bits_per_dim", "cli_main", "dequantize", "log_likelihood"]
+__all__ = ["LikelihoodResult", "bin_width", "bits_per_dim", "dequantize", "log_likelihood"]

@@ -41,7 +41,7 @@ import scoresde as sd
 from scoresde import cli
 from scoresde._util import MAX_STEPS, as_time
 from scoresde.solvers import ode, pc
-from scoresde.solvers import sde as sde_solvers
+from scoresde.solvers import reverse_sde as sde_solvers
 from scoresde.train import config as train_config
 from scoresde.train import loop as train_loop
 

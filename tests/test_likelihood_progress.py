@@ -8,6 +8,7 @@ import torch
 
 import scoresde as sd
 import scoresde.likelihood as lk
+from scoresde import cli
 
 SDE = sd.VPSDE.linear()
 X = torch.tensor([[0.3, -0.2], [1.1, 0.4], [-0.5, 0.9]], dtype=torch.float64)
@@ -92,17 +93,17 @@ def test_progress_must_be_a_bool(value):
 def test_cli_progress_flag_and_default(bars, capsys):
     """--progress turns the bar on; without a flag it follows stderr, here captured (not a terminal)."""
     args = ["--n", "2", "--solver", "euler", "--steps", "2"]
-    assert lk.cli_main(args + ["--progress"]) == 0
-    assert lk.cli_main(args) == 0
+    assert cli.main(["likelihood", *args, "--progress"]) == 0
+    assert cli.main(["likelihood", *args]) == 0
     assert [bar.disable for bar in bars] == [False, True]
     assert bars[0].n == 2 and "2 samples" in bars[0].kwargs["desc"]
-    assert [lk._parser().parse_args(flag).progress for flag in ([], ["--progress"], ["--no-progress"])] == [
-        None, True, False]
+    assert [cli._parser().parse_args(["likelihood", *flag]).progress
+            for flag in ([], ["--progress"], ["--no-progress"])] == [None, True, False]
 
 
 def test_cli_help_states_the_cost(capsys):
     with pytest.raises(SystemExit) as exit_:
-        lk.cli_main(["--help"])
+        cli.main(["likelihood", "--help"])
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "per digit" in text and "--progress" in text

@@ -82,16 +82,25 @@ def declared_sample_shape(model) -> tuple | None:
 class Denoiser:
     """Wraps any network as an eps-model on continuous time t in [0, 1].
 
-    prediction: what the network outputs: "eps", "x0", "v" or "score".
-    time_input: what the network takes as its time argument:
-        "t"      continuous t (the network sees a (batch,) tensor in x's dtype);
-        "index"  the 0-based DDPM index t N - 1 (diffusers' convention), N = `num_steps` or
-                 the discrete sde's chain length;
-        callable f(t) -> network input, given a float64 (batch,) tensor of t.
-    A network returning an object with a `.sample` tensor (diffusers' UNet2DModel) also works.
+    Calling it gives eps; `x0`, `score`, `v` and `predict(kind, ...)` give the other predictions,
+    converted with the schedule's alpha_t and sigma_t. A network returning an object with a
+    `.sample` tensor (diffusers' UNet2DModel) also works.
+
+    Args:
+        net: the network, net(x, time) -> its prediction, of x's shape.
+        sde: the schedule it was trained on.
+        prediction: what the network outputs: "eps", "x0", "v" or "score".
+        time_input: what the network takes as its time argument: "t", continuous t (a (batch,)
+            tensor in x's dtype); "index", the 0-based DDPM index t N - 1 (diffusers' convention),
+            N = `num_steps` or the discrete sde's chain length; or a callable f(t) -> network
+            input, given a float64 (batch,) tensor of t.
+        num_steps: the chain length N of an index-time network on a continuous sde.
+
+    Raises:
+        TypeError, ValueError: an argument that is wrong, named with its value and what is allowed.
     """
 
-    def __init__(self, net: Callable, sde: VPSDE, prediction: str = "eps", time_input="t",
+    def __init__(self, net: Callable, sde: VPSDE, prediction: str = "eps", time_input: str | Callable = "t",
                  num_steps: int | None = None):
         if not callable(net):
             raise TypeError(f"net={net!r}: expected a callable network net(x, time)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,17 @@ def _check_like(name: str, value, x: torch.Tensor):
 
 
 class VPSDE:
-    """A VP-SDE given by a `Schedule`. Time runs from t = 0 (data) to t = T (prior)."""
+    """A VP-SDE given by a `Schedule`. Time runs from t = 0 (data) to t = T (prior).
+
+    Build one with `VPSDE.linear`, `VPSDE.cosine` or `VPSDE.from_betas` (a DDPM chain). All of its
+    math is float64, and a time `t` broadcasts in any shape.
+
+    Args:
+        schedule: log alpha(t) and its derivative (see `scoresde.schedules`).
+
+    Raises:
+        TypeError: `schedule` is not a `Schedule`.
+    """
 
     def __init__(self, schedule: Schedule):
         if not isinstance(schedule, Schedule):
@@ -44,15 +55,31 @@ class VPSDE:
     # ---- constructors -----------------------------------------------------------------
     @classmethod
     def linear(cls, beta_min: float = 0.1, beta_max: float = 20.0) -> "VPSDE":
+        """beta(t) = beta_min + t (beta_max - beta_min) (Song et al. 2021).
+
+        Args:
+            beta_min: beta at t = 0, >= 0.
+            beta_max: beta at t = 1, > 0 and >= beta_min.
+        """
         return cls(LinearSchedule(beta_min, beta_max))
 
     @classmethod
     def cosine(cls, s: float = 0.008, t_max: float = 0.9946) -> "VPSDE":
+        """alpha_bar(t) = f(t)/f(0), f(t) = cos^2((t+s)/(1+s) pi/2) (Nichol & Dhariwal 2021).
+
+        Args:
+            s: the offset, >= 0.
+            t_max: where sampling starts, in (0, 1) (alpha reaches 0 at t = 1).
+        """
         return cls(CosineSchedule(s, t_max))
 
     @classmethod
-    def from_betas(cls, betas) -> "VPSDE":
-        """The DDPM chain of len(betas) steps as a VP-SDE (step n sits at t = n/N)."""
+    def from_betas(cls, betas: Sequence[float] | torch.Tensor) -> "VPSDE":
+        """The DDPM chain of len(betas) steps as a VP-SDE (step n sits at t = n/N).
+
+        Args:
+            betas: the chain's betas, each in (0, 1).
+        """
         return cls(DiscreteSchedule(betas))
 
     def __repr__(self):

@@ -39,14 +39,31 @@ from .objective import diffusion_loss
 
 
 # ---- processes and devices -----------------------------------------------------------------
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment; one process without it."""
+@contextlib.contextmanager
+def _processes():
+    """(rank, world size, local rank) from torchrun's environment for the `with` block; one process
+    without it. A process group started here is left in order: after a run that ended together on
+    every rank (finished, or stopped by a signal at the same step), each rank waits for the others
+    before leaving, since gloo aborts a process whose peer closes the connection under it."""
     if "RANK" not in os.environ:
-        return 0, 1, 0
+        yield 0, 1, 0
+        return
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if not dist.is_initialized():
+    started = not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank, world, local
+    together = False
+    try:
+        yield rank, world, local
+        together = True
+    except TrainingInterrupted as stop:
+        together = stop.saved  # a second signal stops one rank at once: no waiting for the others then
+        raise
+    finally:
+        if started:
+            if together:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
@@ -282,20 +299,20 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
     if resume and overwrite:
         raise ValueError(f"resume=True and overwrite=True: choose one (resume continues the run in "
                          f"{config.out!r}, overwrite deletes it)")
-    rank, world, local_rank = _distributed()
-    device = _device(config, local_rank)
-    if config.batch_size % (world * config.grad_accum):
-        raise ValueError(f"batch_size={config.batch_size} must be a multiple of processes x grad_accum "
-                         f"= {world} x {config.grad_accum}")
-    stop = _StopRequest()
-    with _run_folder(Path(config.out), resume, overwrite, rank == 0, world, device) as resume:
-        try:
-            return _train(config, resume, rank, world, device, stop)
-        except KeyboardInterrupt:
-            if not stop.signum:  # not ours: Ctrl-C before the loop began
-                raise
-            latest = ckpt.latest_checkpoint(config.out) if rank == 0 else None
-            raise TrainingInterrupted(stop.signum, stop.step, latest, saved=False) from None
+    with _processes() as (rank, world, local_rank):
+        device = _device(config, local_rank)
+        if config.batch_size % (world * config.grad_accum):
+            raise ValueError(f"batch_size={config.batch_size} must be a multiple of processes x grad_accum "
+                             f"= {world} x {config.grad_accum}")
+        stop = _StopRequest()
+        with _run_folder(Path(config.out), resume, overwrite, rank == 0, world, device) as resume:
+            try:
+                return _train(config, resume, rank, world, device, stop)
+            except KeyboardInterrupt:
+                if not stop.signum:  # not ours: Ctrl-C before the loop began
+                    raise
+                latest = ckpt.latest_checkpoint(config.out) if rank == 0 else None
+                raise TrainingInterrupted(stop.signum, stop.step, latest, saved=False) from None
 
 
 def _train(config: TrainConfig, resume: bool, rank: int, world: int, device: torch.device,

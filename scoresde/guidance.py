@@ -112,25 +112,30 @@ class _Labels:
 class ClassifierFreeGuidance:
     """Classifier-free guidance (Ho & Salimans 2022): eps = eps(x, null) + scale (eps(x, cond) - eps(x, null)).
 
-    net(x, time, y): a conditional network (e.g. `scoresde.nn.UNet(num_classes=C)` or a diffusers
-        UNet2DModel with class labels), y a (batch,) long tensor of labels, `null` meaning "no label".
-    cond: the label to guide towards, an int for every sample or a (batch,) tensor of labels.
-    scale: a finite number >= 0: 1 gives the conditional model, 0 the unconditional one, larger
-        values sharpen the conditional. Ho & Salimans' w is scale - 1.
-    null: the null label; default `num_classes` (the convention of scoresde.nn networks).
-    num_classes: the number of real labels, for checking `cond`; default `net.num_classes`.
-    prediction, time_input, num_steps: as for `Denoiser` (what the network outputs and which time
-        it takes). The combination is made in eps; for x0, v or score outputs it is the same
-        combination, as each is affine in eps at a given (x, t).
-
     Cost: each guided call is ONE network call on a doubled batch (the conditional and the null
     halves concatenated), so the solver's NFE equals the number of network calls, each on 2x the
     batch — about twice the arithmetic of an unguided call, whatever the scale.
+
+    Args:
+        net: a conditional network net(x, time, y) (e.g. `scoresde.nn.UNet(num_classes=C)` or a
+            diffusers UNet2DModel with class labels), y a (batch,) long tensor of labels, `null`
+            meaning "no label".
+        sde: the schedule it was trained on.
+        cond: the label to guide towards, an int for every sample or a (batch,) tensor of labels.
+        scale: a finite number >= 0: 1 gives the conditional model, 0 the unconditional one,
+            larger values sharpen the conditional. Ho & Salimans' w is scale - 1.
+        null: the null label; default `num_classes` (the convention of scoresde.nn networks).
+        num_classes: the number of real labels, for checking `cond`; default `net.num_classes`.
+        prediction: what the network outputs, as for `Denoiser`. The combination is made in eps;
+            for x0, v or score outputs it is the same combination, as each is affine in eps at a
+            given (x, t).
+        time_input: which time the network takes, as for `Denoiser`.
+        num_steps: the chain length of an index-time network, as for `Denoiser`.
     """
 
-    def __init__(self, net: Callable, sde: VPSDE, *, cond, scale: float, null: int | None = None,
-                 num_classes: int | None = None, prediction: str = "eps", time_input="t",
-                 num_steps: int | None = None):
+    def __init__(self, net: Callable, sde: VPSDE, *, cond: int | torch.Tensor, scale: float,
+                 null: int | None = None, num_classes: int | None = None, prediction: str = "eps",
+                 time_input: str | Callable = "t", num_steps: int | None = None):
         if not callable(net):
             raise TypeError(f"net={net!r}: expected a conditional network net(x, time, y)")
         _check_sde(sde)
@@ -171,17 +176,24 @@ class ClassifierFreeGuidance:
 class ClassifierGuidance:
     """Classifier guidance (Dhariwal & Nichol 2021): score += scale * grad_x log p(target | x_t, t).
 
-    In eps: eps = model(x, t) - scale * sigma_t * grad_x log p(target | x_t, t).
-    classifier(x, t) -> logits (batch, classes) of a classifier trained on noisy x_t (t a (batch,)
-        tensor of times); log-probabilities work too (log_softmax leaves them unchanged). It must
-        treat samples independently (no batch statistics): the gradient is taken of the batch sum.
-    target: an int for every sample, or a (batch,) tensor of labels. scale: a finite number >= 0.
-    The gradient is taken under torch.enable_grad(), so sampling under torch.no_grad() or
-    torch.inference_mode() works. Each call costs one model call, one classifier forward and one
-    backward through the classifier.
+    In eps: eps = model(x, t) - scale * sigma_t * grad_x log p(target | x_t, t). The gradient is
+    taken under torch.enable_grad(), so sampling under torch.no_grad() or torch.inference_mode()
+    works. Each call costs one model call, one classifier forward and one backward through the
+    classifier.
+
+    Args:
+        model: a `Denoiser` or a callable model(x, t) -> eps.
+        sde: its schedule.
+        classifier: classifier(x, t) -> logits (batch, classes) of a classifier trained on noisy
+            x_t (t a (batch,) tensor of times); log-probabilities work too (log_softmax leaves them
+            unchanged). It must treat samples independently (no batch statistics): the gradient is
+            taken of the batch sum.
+        target: an int for every sample, or a (batch,) tensor of labels.
+        scale: a finite number >= 0.
     """
 
-    def __init__(self, model: Callable, sde: VPSDE, classifier: Callable, *, target, scale: float):
+    def __init__(self, model: Callable, sde: VPSDE, classifier: Callable, *, target: int | torch.Tensor,
+                 scale: float):
         _check_sde(sde)
         self.model = _eps_model(model, sde)
         if not callable(classifier):
@@ -233,9 +245,6 @@ class Inpaint:
     values alpha_t known + sigma_t z; the solver carries the free coordinates, and
     `finalize(x)` (or `inpaint_result`) sets the known coordinates of the final sample exactly.
 
-    known: the known values, a tensor of the sample's full shape (batch, ...); values at free
-        positions are ignored. mask: bool (or 0/1) tensor broadcastable to known.shape, True
-        where the value is known. generator: seeds z.
     z is drawn ONCE, when the wrapper is built, and kept for every call: the known coordinates
     then run along one forward path x_t = alpha_t known + sigma_t z, which has the exact law
     q(x_t | x_0 = known) at every t, while the model stays a deterministic function of (x, t),
@@ -249,9 +258,18 @@ class Inpaint:
     values, not the score of p_t(free | known_0), and may commit to a mode that does not match the
     known values before those become informative (Lugmayr et al. 2022 and Chung et al. 2022 improve
     on this).
+
+    Args:
+        model: a `Denoiser` or a callable model(x, t) -> eps.
+        sde: its schedule.
+        known: the known values, a tensor of the sample's full shape (batch, ...); values at free
+            positions are ignored.
+        mask: a bool (or 0/1) tensor broadcastable to known.shape, True where the value is known.
+        generator: seeds z.
     """
 
-    def __init__(self, model: Callable, sde: VPSDE, *, known: torch.Tensor, mask: torch.Tensor, generator=None):
+    def __init__(self, model: Callable, sde: VPSDE, *, known: torch.Tensor, mask: torch.Tensor,
+                 generator: torch.Generator | None = None):
         _check_sde(sde)
         self.model, self.sde = _eps_model(model, sde), sde
         if not isinstance(known, torch.Tensor) or not known.is_floating_point() or known.ndim < 1:
@@ -318,7 +336,11 @@ class X0Correction:
     As a model wrapper it is honoured by every solver: data-prediction solvers (DDIM, ancestral,
     DPM-Solver++ ...) see fn(x0_hat) as their x0 estimate exactly, the others the eps it implies;
     `sample(..., final_denoise=True)` then returns fn's output (to round-off).
-    fn(x0) -> x0 of the same shape, e.g. `dynamic_threshold()` or `static_threshold()`.
+
+    Args:
+        model: a `Denoiser` or a callable model(x, t) -> eps.
+        sde: its schedule.
+        fn: fn(x0) -> x0 of the same shape, e.g. `dynamic_threshold()` or `static_threshold()`.
     """
 
     def __init__(self, model: Callable, sde: VPSDE, fn: Callable):
@@ -354,6 +376,13 @@ def dynamic_threshold(percentile: float = 0.995, max_value: float = 1.0) -> Call
     Per sample, s = max(the `percentile` quantile of |x0|, max_value); x0 is clipped to [-s, s] and
     scaled by max_value / s. The result lies in [-max_value, max_value], and an x0 already inside
     is left unchanged (s = max_value). (diffusers' `sample_max_value` is an upper cap on s instead.)
+
+    Args:
+        percentile: the quantile of |x0| that sets s, in (0, 1].
+        max_value: the data's bound, > 0.
+
+    Returns:
+        fn(x0) -> x0, for `X0Correction`.
     """
     percentile = _check_finite("percentile", percentile, 0.0, 1.0, lo_open=True)
     max_value = _check_finite("max_value", max_value, 0.0, math.inf, lo_open=True)
@@ -370,7 +399,15 @@ def dynamic_threshold(percentile: float = 0.995, max_value: float = 1.0) -> Call
 
 
 def static_threshold(lo: float = -1.0, hi: float = 1.0) -> Callable:
-    """Static thresholding: clip x0 to [lo, hi] (Ho et al. 2020's clipping of x0 to the data range)."""
+    """Static thresholding: clip x0 to [lo, hi] (Ho et al. 2020's clipping of x0 to the data range).
+
+    Args:
+        lo: the lower bound.
+        hi: the upper bound, > lo.
+
+    Returns:
+        fn(x0) -> x0, for `X0Correction`.
+    """
     lo = _check_finite("lo", lo)
     hi = _check_finite("hi", hi)
     if not lo < hi:

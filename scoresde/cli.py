@@ -247,9 +247,8 @@ def _timed_sample(model, sde, shape, args):
     options = _solver_options(args)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    with torch.no_grad():
-        x, info = sample(model, sde, shape=shape, solver=args.solver, generator=generator, device=args.device,
-                         return_info=True, progress=sys.stderr.isatty(), **options)
+    x, info = sample(model, sde, shape=shape, solver=args.solver, generator=generator, device=args.device,
+                     return_info=True, progress=sys.stderr.isatty(), **options)
     if x.device.type == "cuda":
         torch.cuda.synchronize()  # sync: the wall time below must include the GPU's work
     wall = time.perf_counter() - start

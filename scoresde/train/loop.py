@@ -269,10 +269,9 @@ def _save_samples(net, ema, config, data, sde, path, device):
     sampler = copy.deepcopy(net).eval()
     ema.copy_to(sampler)
     denoiser = Denoiser(sampler, sde, prediction=config.target)
-    with torch.no_grad():
-        steps = None if SOLVERS[config.sample_solver].adaptive else config.sample_steps  # adaptive: no steps
-        x = sample(denoiser, sde, shape=(config.sample_n, *data.sample_shape), solver=config.sample_solver,
-                   steps=steps, generator=torch.Generator().manual_seed(config.seed), device=device)
+    steps = None if SOLVERS[config.sample_solver].adaptive else config.sample_steps  # adaptive: no steps
+    x = sample(denoiser, sde, shape=(config.sample_n, *data.sample_shape), solver=config.sample_solver,
+               steps=steps, generator=torch.Generator().manual_seed(config.seed), device=device)
     if len(data.sample_shape) == 3:
         lo, hi = data.data_range
         save_image_grid((data.to_data_units(x.cpu()) - lo) / (hi - lo), str(path))

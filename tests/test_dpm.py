@@ -10,6 +10,7 @@ import torch
 
 import scoresde as sd
 from scoresde.solvers import dpm  # registers the solvers
+from scoresde.solvers.base import ModelRun
 
 from helpers import F64, SDES, assert_order, fitted_order, flow_errors
 
@@ -180,7 +181,6 @@ def test_nfe_and_callbacks(solver):
 @pytest.mark.parametrize("solver", DPM_SOLVERS)
 def test_loops_do_not_sync(solver, monkeypatch):
     """On the meta device any host read of a tensor raises (see tests/test_sync_free.py)."""
-    from scoresde.solvers.base import ModelRun
 
     monkeypatch.setattr(ModelRun, "check_finite", lambda self: None)
     sde = sd.VPSDE.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=F64))
@@ -192,20 +192,20 @@ def test_loops_do_not_sync(solver, monkeypatch):
 
 @pytest.mark.parametrize("solver", MULTISTEP)
 def test_data_prediction_is_taken_once_per_model_call(solver, monkeypatch):
-    """Every model call of a DPM-Solver++ solver goes through `data_prediction`, the one place an x0
-    correction would apply."""
+    """Every model call of a DPM-Solver++ solver asks for the x0 prediction, at the grid's times, once:
+    the executor's one conversion is the one place an x0 correction would apply."""
     calls = []
-    original = dpm.data_prediction
+    original = ModelRun.predict
 
-    def counting(model, x, t, alpha, sigma):
-        calls.append(t)
-        return original(model, x, t, alpha, sigma)
+    def counting(self, x, t, alpha, sigma, kind):
+        calls.append((t, kind))
+        return original(self, x, t, alpha, sigma, kind)
 
-    monkeypatch.setattr(dpm, "data_prediction", counting)
+    monkeypatch.setattr(ModelRun, "predict", counting)
     sde = sd.VPSDE.linear()
     _, info = sd.sample(sd.GaussianMixture.ring2d(sde), sde, shape=(4, 2), solver=solver, steps=9,
                         final_denoise=False, return_info=True, generator=torch.Generator().manual_seed(0))
-    assert calls == info.times[:-1].tolist() and info.nfe == 9
+    assert calls == [(t, "x0") for t in info.times[:-1].tolist()] and info.nfe == 9
 
 
 # ---- the SDE variant ------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_phi_functions_are_accurate_for_small_and_large_steps():
 
     for k in (1, 2, 3, 4):
         for z in (-1e-9, -1e-4, -0.3, -0.999, -1.0, -1.001, -2.5, -4.0):
-            assert _phi(k, z) == pytest.approx(exact(k, z), rel=1e-14, abs=0), (k, z)
+            assert float(_phi(k, torch.tensor(z, dtype=F64))) == pytest.approx(exact(k, z), rel=1e-14, abs=0), (k, z)
 
 
 def test_unipc_order1_predictor_is_ddim():

@@ -10,9 +10,10 @@ import torch
 
 from .._util import F64, MAX_SAMPLING_STEPS, check_count, check_device, check_flag, check_shape, check_tensor
 from ..grids import GRIDS
-from ..prediction import Denoiser, declared_sample_shape, eps_to_x0
+from ..prediction import Denoiser, declared_sample_shape
 from ..sde import VPSDE
 from .base import SOLVERS, BrownianNoise, GaussianNoise, ModelRun, Solver, register
+from .plan import Planner, execute
 from . import ancestral, ode, reverse_sde  # noqa: F401  (each registers its solvers)
 from . import adaptive_sde, dpm, edm, pc, unipc  # noqa: F401
 
@@ -73,8 +74,8 @@ def _check_times(times, sde: VPSDE, what: str) -> torch.Tensor:
     if times.device.type == "meta" or times.is_complex():
         raise ValueError(f"{what}: expected real times to read, got a {times.dtype} tensor on {times.device}")
     _check_plan_size(what, times.numel() - 1)
-    times = times.detach().to("cpu", F64)
-    values = times.tolist()  # sync: none, a CPU grid checked before the loop
+    times = times.to("cpu", F64)  # not detached: a differentiable plan keeps the grid's gradient
+    values = times.detach().tolist()  # sync: none, a CPU grid checked before the loop
     if not all(a > b for a, b in zip(values, values[1:])):  # NaN fails every comparison
         raise ValueError(f"{what}: times must be finite and strictly decreasing, got {values[:8]}...")
     if not (values[-1] > 0 and values[0] <= sde.T):  # inf and -inf fail these
@@ -82,7 +83,7 @@ def _check_times(times, sde: VPSDE, what: str) -> torch.Tensor:
     return times
 
 
-def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end):
+def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end, options: dict):
     """The float64 CPU grid from T down to t_end, after checking steps/grid/t_end together."""
     if spec.adaptive and (steps is not None or grid is not None):
         given = f"steps={steps!r}" if steps is not None else f"grid={grid!r}"
@@ -99,7 +100,7 @@ def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end):
     if spec.adaptive:
         return torch.tensor([sde.T, t_end], dtype=F64)
     if steps is None:
-        steps = max(1, DEFAULT_NFE // spec.nfe_per_step)
+        steps = max(1, DEFAULT_NFE // spec.calls_per_step(options))
     check_count("steps", steps, maximum=None)
     _check_plan_size(f"steps={steps}", steps)
     grid = spec.grid if grid is None else grid
@@ -156,6 +157,7 @@ def _check_resolved(sde: VPSDE, times: torch.Tensor, dtype: torch.dtype):
     finite in `dtype` (solvers form both). This catches a chain whose alpha underflows at T, a t_end
     where sigma rounds to 0, and times that a schedule maps to one lambda (a beta that rounds away)."""
     limit = math.log(torch.finfo(dtype).max)  # float64: 709.8; float32, bfloat16: 88.7; float16: 11.1
+    times = times.detach()
     lam, t = sde.log_snr(times).tolist(), times.tolist()  # sync: none, a CPU grid
     outside = [k for k, value in enumerate(lam) if not abs(value) < limit]  # NaN too
     if outside:
@@ -230,8 +232,8 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         check_flag(name, flag)
     spec = _solver(solver)
     _check_options(spec, options)
-    times = _time_grid(spec, sde, steps, grid, t_end)
-    t_host = times.tolist()  # sync: none, the grid lives on the CPU
+    times = _time_grid(spec, sde, steps, grid, t_end, options)
+    t_host = times.detach().tolist()  # sync: none, the grid lives on the CPU
     if noise is None:
         noise = GaussianNoise(generator)
     elif generator is not None:
@@ -252,23 +254,48 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
     _check_resolved(sde, times, x.dtype)
 
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sde)
-    total = None if spec.adaptive else (len(times) - 1) * spec.nfe_per_step + final_denoise
-    run = ModelRun(denoiser, sde, progress=progress, total=total)
+    with torch.set_grad_enabled(grad):
+        if spec.plans:
+            x, run = _run_plan(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options)
+        else:
+            x, run = _run_whole(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options)
+    run.check_finite()
+    if return_info:
+        return x, SampleInfo(run.nfe, spec.name, None if spec.adaptive else len(times) - 1, times.detach())
+    return x
 
+
+def _reporter(run: ModelRun, t_host: list, callback):
+    """The solvers' callback(i, x): notes the step for messages, then calls the user's callback(i, t, x)."""
     def on_step(i, x_now):
         run.step = i + 1
         if callback is not None:
             callback(i, t_host[i + 1], x_now)
 
-    with torch.set_grad_enabled(grad):
-        x = spec.fn(run, x, times, noise=noise, callback=on_step, **options)
-        if final_denoise:
-            alpha, sigma = sde.alpha_sigma(times[-1])
-            x = eps_to_x0(x, run(x, t_host[-1]), float(alpha), float(sigma))
-    run.check_finite()
-    if return_info:
-        return x, SampleInfo(run.nfe, spec.name, None if spec.adaptive else len(times) - 1, times)
-    return x
+    return on_step
+
+
+def _run_plan(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options):
+    """Build the solver's plan (the final denoising step included), then execute it."""
+    planner = Planner(sde, times, x, noise)
+    spec.fn(planner, **{**spec.options, **options})
+    if final_denoise:
+        planner.denoise()
+    plan = planner.finish()
+    run = ModelRun(denoiser, sde, progress=progress, total=plan.nfe)
+    return execute(plan, run, x, noise, _reporter(run, planner.t_host, callback)), run
+
+
+def _run_whole(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options):
+    """An adaptive solver or a bridge, which runs the whole solve itself; then the final denoising step."""
+    t_host = times.detach().tolist()  # sync: none, a CPU grid
+    total = None if spec.adaptive else (len(times) - 1) * spec.calls_per_step(options) + final_denoise
+    run = ModelRun(denoiser, sde, progress=progress, total=total)
+    x = spec.fn(run, x, times, noise=noise, callback=_reporter(run, t_host, callback), **options)
+    if final_denoise:
+        alpha, sigma = sde.alpha_sigma(times[-1].detach())
+        x = run.predict(x, t_host[-1], float(alpha), float(sigma), "x0")
+    return x, run
 
 
 __all__ = ["SOLVERS", "sample", "register", "Solver", "SampleInfo", "GaussianNoise", "BrownianNoise"]

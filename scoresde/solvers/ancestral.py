@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-from .._util import host_floats
 from .base import register
 
 VARIANCES = ("posterior", "beta")
@@ -26,41 +25,38 @@ def _posterior_terms(sde, times):
                 var_ts=var_ts, var_tilde=var_ts * var_s / var_t)
 
 
-def _x0_eps_noise_loop(model, x, times, noise, callback, p, c_eps, c_z):
+def _posterior_plan(planner, p, c_eps, c_z):
     """x_s = alpha_s x0_hat + c_eps eps + c_z z with x0_hat = (x - sigma_t eps)/alpha_t folded into
     the coefficients: x_s = (alpha_s/alpha_t) x + (c_eps - sigma_t alpha_s/alpha_t) eps + c_z z,
     two passes over x per step instead of five."""
     ratio = p["alpha_s"] / p["alpha_t"]
-    keep, eps_coef = host_floats(ratio), host_floats(c_eps - ratio * p["sigma_t"])
-    c_z, t_host = host_floats(c_z), host_floats(times)
-    for i in range(len(keep)):
-        eps = model(x, t_host[i])
-        x = torch.add(x * keep[i], eps, alpha=eps_coef[i])
-        if c_z[i]:
-            x = x.add_(noise(x, t_host[i], t_host[i + 1]), alpha=c_z[i])
-        callback(i, x)
-    return x
+    keep, eps_coef = (planner.values(v) for v in (ratio, c_eps - ratio * p["sigma_t"]))
+    c_z = [None] * planner.steps if c_z is None else planner.values(c_z)  # None: no draws
+    t, alpha, sigma = (planner.values(v) for v in (planner.times[:-1], p["alpha_t"], p["sigma_t"]))
+    for i in range(planner.steps):
+        eps = planner.stage(t[i], alpha[i], sigma[i], "eps")
+        planner.step(i, x=keep[i], terms=[(eps, eps_coef[i])], noise=c_z[i])
 
 
 @register("ancestral", grid="log_snr", stochastic=True)
-def ancestral(model, x, times, *, noise, callback, variance: str = "posterior"):
+def ancestral(planner, variance: str = "posterior"):
     """Ancestral sampling from the DDPM posterior (Ho et al. 2020) on any grid.
     variance="posterior" draws with sigma_tilde^2 (the exact posterior), "beta" with sigma_ts^2
     (Ho et al.'s other choice, sigma_t^2 = beta_t)."""
     if not isinstance(variance, str) or variance not in VARIANCES:
         raise ValueError(f"variance={variance!r}: expected one of {VARIANCES}")
-    p = _posterior_terms(model.sde, times)
+    p = _posterior_terms(planner.sde, planner.times)
     c_eps = (p["alpha_t"] / p["alpha_s"]) * p["sigma_s"] ** 2 / p["sigma_t"]
     c_z = (p["var_tilde"] if variance == "posterior" else p["var_ts"]).sqrt()
-    return _x0_eps_noise_loop(model, x, times, noise, callback, p, c_eps, c_z)
+    _posterior_plan(planner, p, c_eps, c_z)
 
 
 @register("ddim", grid="quadratic", stochastic=True)
-def ddim(model, x, times, *, noise, callback, eta: float = 0.0):
+def ddim(planner, eta: float = 0.0):
     """DDIM (Song, Meng & Ermon 2021): eta = 0 is deterministic (the PF-ODE's first-order
     exponential integrator), eta = 1 is ancestral sampling."""
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta={eta!r}: expected a number in [0, 1]")
-    p = _posterior_terms(model.sde, times)
+    p = _posterior_terms(planner.sde, planner.times)
     c_eps = (p["sigma_s"] ** 2 - eta**2 * p["var_tilde"]).clamp(min=0).sqrt()
-    return _x0_eps_noise_loop(model, x, times, noise, callback, p, c_eps, eta * p["var_tilde"].sqrt())
+    _posterior_plan(planner, p, c_eps, eta * p["var_tilde"].sqrt() if eta else None)

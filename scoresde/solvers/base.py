@@ -10,47 +10,74 @@ from tqdm.auto import tqdm
 
 from .._util import check_count, check_flag, check_number, check_shape, per_sample
 from ..grids import GRIDS
-from ..prediction import Denoiser
+from ..prediction import Denoiser, to_eps
 
-# The arguments every solver takes; everything else in its signature is a solver option.
+# The arguments of a whole-run solver (adaptive ones and bridges); a plan builder takes (planner, **options).
 SHARED_ARGS = ("model", "x", "times", "noise", "callback")
+PROBE_STEPS = (2, 3)  # a plan builder's model calls per step: the difference of its plans on these step counts
 
 
 @dataclass(frozen=True)
 class Solver:
-    """A registered solver: `fn(model, x, times, *, noise, callback, **options) -> x`.
+    """A registered solver: a plan builder `fn(planner, **options)` (see `scoresde.solvers.plan`), or a
+    whole-run function `fn(model, x, times, *, noise, callback, **options) -> x` (adaptive solvers, bridges).
 
     grid: the default time grid's name, or None for an adaptive solver (which takes no grid).
-    nfe_per_step: model calls per step of a fixed-step solver (for progress and docs).
+    options: option name -> default value.
     """
 
     name: str
     fn: Callable
     grid: str | None
     stochastic: bool
-    nfe_per_step: int
-    options: dict = field(default_factory=dict)  # option name -> default value
+    options: dict = field(default_factory=dict)
+    run_nfe_per_step: int | Callable | None = None  # a whole-run solver's model calls per step (or of options)
+    plans: bool = False  # fn builds a plan (rather than running the whole solve itself)
 
     @property
     def adaptive(self) -> bool:
         return self.grid is None
+
+    @property
+    def nfe_per_step(self) -> int:
+        """Model calls per step with the default options."""
+        return self.calls_per_step({})
+
+    def calls_per_step(self, options: dict) -> int:
+        """Model calls per step with `options` (after the solver's defaults), counted from plans."""
+        if not self.plans:
+            per_step = self.run_nfe_per_step
+            return per_step({**self.options, **options}) if callable(per_step) else per_step
+        from ..sde import VPSDE
+        from .plan import Planner
+
+        counts = []
+        for steps in PROBE_STEPS:
+            planner = Planner(VPSDE.linear(), torch.linspace(1.0, 1e-3, steps + 1, dtype=torch.float64),
+                              torch.zeros(1, 1))
+            self.fn(planner, **{**self.options, **options})
+            counts.append(planner.finish().nfe)
+        return counts[1] - counts[0]
 
 
 SOLVERS: dict[str, Solver] = {}
 """Every registered solver by name (`sd.sample(..., solver=name)`); `register` adds to it."""
 
 
-def register(name: str, *, grid: str | None = "uniform", stochastic: bool = False, nfe_per_step: int = 1,
+def register(name: str, *, grid: str | None = "uniform", stochastic: bool = False, nfe_per_step: int | None = None,
              replace: bool = False):
-    """Register `fn` in SOLVERS under `name` (decorator). A name already taken is refused unless
-    replace=True, so a new solver cannot silently shadow a built-in one."""
+    """Register `fn` in SOLVERS under `name` (decorator): a plan builder fn(planner, **options), or a
+    whole-run function fn(model, x, times, *, noise, callback, **options) that makes nfe_per_step model
+    calls per step (default 1). A name already taken is refused unless replace=True, so a new solver
+    cannot silently shadow a built-in one."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"name={name!r}: expected a solver name made of letters, digits and underscores")
     if grid is not None and (not isinstance(grid, str) or grid not in GRIDS):
         raise ValueError(f"grid={grid!r}: expected one of {sorted(GRIDS)}, or None for an adaptive solver")
     check_flag("stochastic", stochastic)
     check_flag("replace", replace)
-    check_count("nfe_per_step", nfe_per_step, maximum=None)
+    if nfe_per_step is not None and not callable(nfe_per_step):
+        check_count("nfe_per_step", nfe_per_step, maximum=None)
     if name in SOLVERS and not replace:
         raise ValueError(f"name={name!r}: a solver of that name is registered already; pass replace=True to "
                          "replace it")
@@ -59,12 +86,14 @@ def register(name: str, *, grid: str | None = "uniform", stochastic: bool = Fals
         if not callable(fn):
             raise TypeError(f"register({name!r}) decorates a solver function, got {fn!r}")
         params = inspect.signature(fn).parameters
+        builds = "planner" in params
         missing = [arg for arg in SHARED_ARGS if arg not in params]
-        if missing:
-            raise TypeError(f"solver {name!r}: its signature lacks the shared argument(s) {missing}: expected "
-                            "fn(model, x, times, *, noise, callback, **options)")
-        options = {k: p.default for k, p in params.items() if k not in SHARED_ARGS}
-        SOLVERS[name] = Solver(name, fn, grid, stochastic, nfe_per_step, options)
+        if missing and not builds:
+            raise TypeError(f"solver {name!r}: its signature lacks the shared argument(s) {missing}: expected a "
+                            "plan builder fn(planner, **options) or fn(model, x, times, *, noise, callback, **options)")
+        shared = ("planner",) if builds else SHARED_ARGS
+        options = {k: p.default for k, p in params.items() if k not in shared}
+        SOLVERS[name] = Solver(name, fn, grid, stochastic, options, None if builds else (nfe_per_step or 1), builds)
         return fn
 
     return decorate
@@ -110,7 +139,10 @@ class ModelRun:
         return len(self._calls)
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        eps = self.denoiser.eps(x, t)
+        return self._checked(self.denoiser.eps(x, t), x, t)
+
+    def _checked(self, eps: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
+        """The output, after checking its shape and device and noting its sum (for `check_finite`)."""
         if eps.shape != x.shape:
             raise ValueError(f"model output has shape {tuple(eps.shape)}, expected the input's "
                              f"{tuple(x.shape)} ({_where(self.step, t)})")
@@ -127,6 +159,21 @@ class ModelRun:
         if self._bar is not None:
             self._bar.update()
         return eps if eps.dtype == x.dtype else eps.to(x.dtype)
+
+    def predict(self, x: torch.Tensor, t, alpha, sigma, kind: str) -> torch.Tensor:
+        """The model's prediction of `kind` ("eps" or "x0") at (x, t), converted at most once with the
+        alpha and sigma the caller holds (floats, or 0-d tensors of a differentiable plan)."""
+        have = self.denoiser.prediction
+        if have == kind:
+            return self._checked(self.denoiser._raw(x, t), x, t)
+        eps = self(x, t) if have == "eps" else to_eps(have, self._checked(self.denoiser._raw(x, t), x, t), x,
+                                                         alpha, sigma)
+        if kind == "eps":
+            return eps
+        # x0 = (x - sigma eps) / alpha: one fused multiply-add, then the division
+        if isinstance(sigma, float):
+            return torch.add(x, eps, alpha=-sigma).div_(alpha)
+        return torch.addcmul(x, eps, sigma, value=-1.0).div_(alpha)
 
     def check_last(self):
         """Raise now if the latest model output held NaN or inf: for adaptive solvers and bridges,

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import torch
 
-from .._util import host_floats
-from ..prediction import eps_to_x0
 from .base import register
 
 # lower_order_final lowers the order of the last steps only below this step count, as diffusers'
@@ -32,12 +30,6 @@ from .base import register
 # full order, so the option cannot bend a measured convergence order. On the sharp ring it roughly
 # halves the spread error of pp_3m and pp_2m_sde at 9 steps and changes little for pp_2m.
 LOWER_ORDER_FINAL_BELOW = 15
-
-
-def data_prediction(model, x, t: float, alpha: float, sigma: float) -> torch.Tensor:
-    """The model's x0 prediction at (x, t): the one place the DPM-Solver++ solvers turn eps into x0,
-    once per model call (an x0 correction such as clipping or thresholding belongs here)."""
-    return eps_to_x0(x, model(x, t), alpha, sigma)
 
 
 def _check_bool(name, value):
@@ -73,15 +65,27 @@ R1_2 = 0.5  # DPM-Solver-2: the intermediate node at lambda_t + h/2 (the midpoin
 R1_3, R2_3 = 1.0 / 3.0, 2.0 / 3.0  # DPM-Solver-3: nodes at lambda_t + h/3 and lambda_t + 2h/3
 
 
-@register("dpm_solver_2", grid="quadratic", nfe_per_step=2)
-def dpm_solver_2(model, x, times, *, noise, callback):
+def _grid_nodes(planner):
+    """Per step, the start's time, alpha and sigma as the executor takes them."""
+    alpha, sigma = planner.sde.alpha_sigma(planner.times[:-1])
+    return [planner.values(v) for v in (planner.times[:-1], alpha, sigma)]
+
+
+def _inner_nodes(planner, lam):
+    """Per step, the time, alpha and sigma at the half log-SNRs lam inside the steps."""
+    t, log_alpha, log_sigma = _at_lambda(planner.sde, lam)
+    return [planner.values(v) for v in (t, torch.exp(log_alpha), torch.exp(log_sigma))]
+
+
+@register("dpm_solver_2", grid="quadratic")
+def dpm_solver_2(planner):
     """Single-step DPM-Solver-2 (Lu et al. 2022, Algorithm 1 with r1 = 1/2), second order:
     u = (alpha_m/alpha_t) x - sigma_m expm1(r1 h) eps_t at lambda_m = lambda_t + r1 h, then
     x_s = (alpha_s/alpha_t) x - sigma_s expm1(h) eps_t - sigma_s expm1(h)/(2 r1) (eps_m - eps_t)."""
-    sde = model.sde
+    sde, times = planner.sde, planner.times
     lam, log_alpha, log_sigma, h = _schedule(sde, times)
     sigma = torch.exp(log_sigma)
-    t_m, log_alpha_m, log_sigma_m = _at_lambda(sde, lam[:-1] + R1_2 * h)
+    _, log_alpha_m, log_sigma_m = _at_lambda(sde, lam[:-1] + R1_2 * h)
     # the stage: u = keep_m x + a_m eps_t
     keep_m = torch.exp(log_alpha_m - log_alpha[:-1])
     a_m = -torch.exp(log_sigma_m) * torch.expm1(R1_2 * h)
@@ -90,30 +94,26 @@ def dpm_solver_2(model, x, times, *, noise, callback):
     phi_1 = -sigma[1:] * torch.expm1(h)
     c_m = phi_1 / (2 * R1_2)
     c_t = phi_1 - c_m  # zero at r1 = 1/2: the midpoint rule needs eps_m only
-    t_host, t_m, keep_m, a_m = host_floats(times), host_floats(t_m), host_floats(keep_m), host_floats(a_m)
-    keep, c_t, c_m = host_floats(keep), host_floats(c_t), host_floats(c_m)
-    for i in range(len(keep)):
-        eps_t = model(x, t_host[i])
-        eps_m = model(torch.add(x * keep_m[i], eps_t, alpha=a_m[i]), t_m[i])
-        x = torch.add(x * keep[i], eps_m, alpha=c_m[i])
-        if c_t[i]:
-            x.add_(eps_t, alpha=c_t[i])
-        callback(i, x)
-    return x
+    start, mid = _grid_nodes(planner), _inner_nodes(planner, lam[:-1] + R1_2 * h)
+    keep_m, a_m, keep, c_t, c_m = (planner.values(v) for v in (keep_m, a_m, keep, c_t, c_m))
+    for i in range(planner.steps):
+        eps_t = planner.stage(*(v[i] for v in start))
+        eps_m = planner.stage(*(v[i] for v in mid), x=keep_m[i], terms=[(eps_t, a_m[i])])
+        planner.step(i, x=keep[i], terms=[(eps_m, c_m[i]), (eps_t, c_t[i])])
 
 
-@register("dpm_solver_3", grid="quadratic", nfe_per_step=3)
-def dpm_solver_3(model, x, times, *, noise, callback):
+@register("dpm_solver_3", grid="quadratic")
+def dpm_solver_3(planner):
     """Single-step DPM-Solver-3 (Lu et al. 2022, Algorithm 2 with r1 = 1/3, r2 = 2/3), third order:
     u1 = (alpha_1/alpha_t) x - sigma_1 expm1(r1 h) eps_t,
     u2 = (alpha_2/alpha_t) x - sigma_2 expm1(r2 h) eps_t - sigma_2 (r2/r1) (expm1(r2 h)/(r2 h) - 1) D1,
     x_s = (alpha_s/alpha_t) x - sigma_s expm1(h) eps_t - (sigma_s/r2) (expm1(h)/h - 1) D2,
     with D_k = eps(u_k) - eps_t."""
-    sde = model.sde
+    sde, times = planner.sde, planner.times
     lam, log_alpha, log_sigma, h = _schedule(sde, times)
     sigma = torch.exp(log_sigma)
-    t_1, log_alpha_1, log_sigma_1 = _at_lambda(sde, lam[:-1] + R1_3 * h)
-    t_2, log_alpha_2, log_sigma_2 = _at_lambda(sde, lam[:-1] + R2_3 * h)
+    _, log_alpha_1, log_sigma_1 = _at_lambda(sde, lam[:-1] + R1_3 * h)
+    _, log_alpha_2, log_sigma_2 = _at_lambda(sde, lam[:-1] + R2_3 * h)
     # u1 = keep_1 x + a_1 eps_t
     keep_1 = torch.exp(log_alpha_1 - log_alpha[:-1])
     a_1 = -torch.exp(log_sigma_1) * torch.expm1(R1_3 * h)
@@ -125,18 +125,15 @@ def dpm_solver_3(model, x, times, *, noise, callback):
     keep = torch.exp(log_alpha[1:] - log_alpha[:-1])
     c_t = -sigma[1:] * torch.expm1(h)
     c_2 = -(sigma[1:] / R2_3) * (torch.expm1(h) / h - 1)
-    t_host, t_1, t_2 = host_floats(times), host_floats(t_1), host_floats(t_2)
-    keep_1, a_1 = host_floats(keep_1), host_floats(a_1)
-    keep_2, a_2, b_2 = host_floats(keep_2), host_floats(a_2 - b_2), host_floats(b_2)
-    keep, c_t, c_2 = host_floats(keep), host_floats(c_t - c_2), host_floats(c_2)
-    for i in range(len(keep)):
-        eps_t = model(x, t_host[i])
-        eps_1 = model(torch.add(x * keep_1[i], eps_t, alpha=a_1[i]), t_1[i])
-        u_2 = torch.add(x * keep_2[i], eps_t, alpha=a_2[i]).add_(eps_1, alpha=b_2[i])
-        eps_2 = model(u_2, t_2[i])
-        x = torch.add(x * keep[i], eps_t, alpha=c_t[i]).add_(eps_2, alpha=c_2[i])
-        callback(i, x)
-    return x
+    start = _grid_nodes(planner)
+    node_1, node_2 = _inner_nodes(planner, lam[:-1] + R1_3 * h), _inner_nodes(planner, lam[:-1] + R2_3 * h)
+    keep_1, a_1, keep_2, a_2, b_2, keep, c_t, c_2 = (planner.values(v) for v in (
+        keep_1, a_1, keep_2, a_2 - b_2, b_2, keep, c_t - c_2, c_2))
+    for i in range(planner.steps):
+        eps_t = planner.stage(*(v[i] for v in start))
+        eps_1 = planner.stage(*(v[i] for v in node_1), x=keep_1[i], terms=[(eps_t, a_1[i])])
+        eps_2 = planner.stage(*(v[i] for v in node_2), x=keep_2[i], terms=[(eps_t, a_2[i]), (eps_1, b_2[i])])
+        planner.step(i, x=keep[i], terms=[(eps_t, c_t[i]), (eps_2, c_2[i])])
 
 
 # ---- multistep DPM-Solver++ in data prediction (Lu et al. 2022b) -----------------------------------------
@@ -155,11 +152,11 @@ def _multistep_weights(h, phi, max_order):
     Lu et al.'s dpm_solver_pytorch.py, diffusers, k-diffusion -- take D2 as half of this, ~ h^2 x0''/2,
     with the same -phi_3 weight: their update is exact for linear x0 only, local error O(h^3), a
     second-order method. tests/test_dpm.py checks the exactness on quadratics.)
-    Entries for steps too early to have the history are NaN and never used.
+    Steps too early to have the history get placeholder ratios r = 1, never used (a NaN there would
+    turn the gradient with respect to the grid into NaN).
     """
-    nan = torch.full((1,), float("nan"), dtype=h.dtype)
-    h_0 = torch.cat([nan, h[:-1]])  # the previous step
-    h_1 = torch.cat([nan, nan, h[:-2]])[: len(h)]  # the one before it
+    h_0 = torch.cat([h[:1], h[:-1]])  # the previous step
+    h_1 = torch.cat([h[:2], h[:-2]])[: len(h)]  # the one before it
     r0, r1 = h_0 / h, h_1 / h
     phi_1, phi_2, phi_3 = phi
     weights = {1: [-phi_1]}
@@ -175,75 +172,64 @@ def _multistep_weights(h, phi, max_order):
     w3 = phi_2 * d1 - phi_3 * d2
     w3[0] -= phi_1
     weights[3] = list(w3)
-    return {k: [host_floats(w) for w in ws] for k, ws in weights.items() if k <= max_order}
+    return {k: ws for k, ws in weights.items() if k <= max_order}
 
 
-def _multistep_pp(model, x, times, callback, max_order, lower_order_final):
+def _multistep_plan(planner, max_order, lower_order_final, keep, weights, noise=None):
+    """x_s = keep x_t + sum_j w_j x0_{i-j} (+ noise z), one x0 prediction per step; weights[k]: the
+    per-step vectors of order k's weights, newest prediction first."""
+    start = _grid_nodes(planner)
+    keep = planner.values(keep)
+    noise = [None] * planner.steps if noise is None else planner.values(noise)
+    weights = {k: [planner.values(w) for w in ws] for k, ws in weights.items()}
+    history = []  # refs of the latest predictions, newest last
+    for i, order in enumerate(_step_orders(planner.steps, max_order, lower_order_final)):
+        history = (history + [planner.stage(*(v[i] for v in start), "x0")])[-max_order:]
+        terms = [(history[-1 - j], w[i]) for j, w in enumerate(weights[order])]
+        planner.step(i, x=keep[i], terms=terms, noise=noise[i])
+
+
+def _multistep_pp(planner, max_order, lower_order_final):
     """DPM-Solver++(kM) on the probability-flow ODE, k = max_order (Lu et al. 2022b, Algorithm 2):
     x_s = (sigma_s/sigma_t) x_t + sum_j w_j x0_{i-j}, one model call per step."""
-    sde = model.sde
-    _, log_alpha, log_sigma, h = _schedule(sde, times)
+    _, log_alpha, log_sigma, h = _schedule(planner.sde, planner.times)
     alpha_s = torch.exp(log_alpha[1:])
     phi_1 = alpha_s * torch.expm1(-h)  # alpha_s (e^-h - 1)
     phi_2 = alpha_s * (torch.expm1(-h) / h + 1)
     phi_3 = alpha_s * ((torch.expm1(-h) / h + 1) / h - 0.5)
     weights = _multistep_weights(h, (phi_1, phi_2, phi_3), max_order)
-    keep = host_floats(torch.exp(log_sigma[1:] - log_sigma[:-1]))
-    t_host, alpha, sigma = host_floats(times), host_floats(torch.exp(log_alpha)), host_floats(torch.exp(log_sigma))
-    orders = _step_orders(len(keep), max_order, lower_order_final)
-    x0s = []  # the latest predictions, newest last
-    for i, order in enumerate(orders):
-        x0s.append(data_prediction(model, x, t_host[i], alpha[i], sigma[i]))
-        del x0s[:-max_order]
-        x = x * keep[i]
-        for j, w in enumerate(weights[order]):
-            x.add_(x0s[-1 - j], alpha=w[i])
-        callback(i, x)
-    return x
+    _multistep_plan(planner, max_order, lower_order_final, torch.exp(log_sigma[1:] - log_sigma[:-1]), weights)
 
 
 @register("dpm_solver_pp_2m", grid="log_snr")
-def dpm_solver_pp_2m(model, x, times, *, noise, callback, lower_order_final: bool = True):
+def dpm_solver_pp_2m(planner, lower_order_final: bool = True):
     """Multistep DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2) in data prediction; the first step
     is first order, and with lower_order_final the last one too when steps < 15."""
     _check_bool("lower_order_final", lower_order_final)
-    return _multistep_pp(model, x, times, callback, 2, lower_order_final)
+    _multistep_pp(planner, 2, lower_order_final)
 
 
 @register("dpm_solver_pp_3m", grid="log_snr")
-def dpm_solver_pp_3m(model, x, times, *, noise, callback, lower_order_final: bool = True):
+def dpm_solver_pp_3m(planner, lower_order_final: bool = True):
     """Multistep DPM-Solver++(3M) (Lu et al. 2022b) in data prediction; the first two steps are of
     order 1 and 2, and with lower_order_final the last two too when steps < 15. Its D2 term is twice
     that of the reference implementations, which makes it third order (see _multistep_weights)."""
     _check_bool("lower_order_final", lower_order_final)
-    return _multistep_pp(model, x, times, callback, 3, lower_order_final)
+    _multistep_pp(planner, 3, lower_order_final)
 
 
 @register("dpm_solver_pp_2m_sde", grid="log_snr", stochastic=True)
-def dpm_solver_pp_2m_sde(model, x, times, *, noise, callback, lower_order_final: bool = True):
+def dpm_solver_pp_2m_sde(planner, lower_order_final: bool = True):
     """Multistep SDE-DPM-Solver++(2M) (Lu et al. 2022b; diffusers' "sde-dpmsolver++", midpoint form)
     on the reverse SDE: with c = alpha_s (1 - e^-2h),
     x_s = (sigma_s/sigma_t) e^-h x_t + c (x0_i + D1/2) + sigma_s sqrt(1 - e^-2h) z,
     D1 = (x0_i - x0_{i-1}) / r0. First order (D1 = 0) it is ancestral sampling; the first step is,
     and with lower_order_final the last one too when steps < 15."""
     _check_bool("lower_order_final", lower_order_final)
-    sde = model.sde
-    _, log_alpha, log_sigma, h = _schedule(sde, times)
+    _, log_alpha, log_sigma, h = _schedule(planner.sde, planner.times)
     c = -torch.exp(log_alpha[1:]) * torch.expm1(-2 * h)
-    nan = torch.full((1,), float("nan"), dtype=h.dtype)
-    half_over_r0 = 0.5 * h / torch.cat([nan, h[:-1]])  # 1/(2 r0), r0 = h_{i-1}/h_i
-    weights = {1: [host_floats(c)], 2: [host_floats(c * (1 + half_over_r0)), host_floats(-c * half_over_r0)]}
-    keep = host_floats(torch.exp(log_sigma[1:] - log_sigma[:-1] - h))
-    c_z = host_floats(torch.exp(log_sigma[1:]) * torch.sqrt(-torch.expm1(-2 * h)))
-    t_host, alpha, sigma = host_floats(times), host_floats(torch.exp(log_alpha)), host_floats(torch.exp(log_sigma))
-    orders = _step_orders(len(keep), 2, lower_order_final)
-    x0s = []
-    for i, order in enumerate(orders):
-        x0s.append(data_prediction(model, x, t_host[i], alpha[i], sigma[i]))
-        del x0s[:-2]
-        z = noise(x, t_host[i], t_host[i + 1])
-        x = torch.add(x * keep[i], z, alpha=c_z[i])
-        for j, w in enumerate(weights[order]):
-            x.add_(x0s[-1 - j], alpha=w[i])
-        callback(i, x)
-    return x
+    half_over_r0 = 0.5 * h / torch.cat([h[:1], h[:-1]])  # 1/(2 r0), r0 = h_{i-1}/h_i (a placeholder at i = 0)
+    weights = {1: [c], 2: [c * (1 + half_over_r0), -c * half_over_r0]}
+    keep = torch.exp(log_sigma[1:] - log_sigma[:-1] - h)
+    c_z = torch.exp(log_sigma[1:]) * torch.sqrt(-torch.expm1(-2 * h))
+    _multistep_plan(planner, 2, lower_order_final, keep, weights, c_z)

@@ -16,8 +16,6 @@ import sys
 
 import torch
 
-from .._util import host_floats
-from ..prediction import eps_to_x0
 from .base import register
 
 GAMMA_MAX = math.sqrt(2.0) - 1.0  # Karras et al.: churn at most doubles the variance
@@ -35,9 +33,9 @@ def _check_options(s_churn, s_tmin, s_tmax, s_noise) -> tuple[float, ...]:
     return tuple(float(v) if v <= sys.float_info.max else math.inf for v in (s_churn, s_tmin, s_tmax, s_noise))
 
 
-def _plan(sde, times, s_churn, s_tmin, s_tmax, s_noise):
-    """Per step, as host floats: the churned time t_hat with its alpha, sigma and s_hat, the noise
-    scale s_noise sqrt(s_hat^2 - s_i^2) (0 where no churn), and whether the step churns.
+def _churn(sde, times, s_churn, s_tmin, s_tmax, s_noise):
+    """Per step: whether it churns (host bools), the churned time t_hat and lam_hat, and the noise
+    scale s_noise sqrt(s_hat^2 - s_i^2) in y = x/alpha (zero where no churn).
 
     s_hat is capped at s(T), the grid's start: the model is never called above T (where a
     schedule or an index-time network may be undefined), so the first step never churns.
@@ -45,50 +43,47 @@ def _plan(sde, times, s_churn, s_tmin, s_tmax, s_noise):
     steps = len(times) - 1
     lam = sde.log_snr(times)  # s = exp(-lambda), in logs: s overflows for long DDPM chains
     gamma = min(s_churn / steps, GAMMA_MAX)
-    s_host = host_floats(torch.exp(-lam))
+    s_host = torch.exp(-lam.detach()).tolist()  # sync: none, CPU schedule math (a host decision per step)
     churn = [gamma > 0 and s_tmin <= s <= s_tmax for s in s_host[:-1]]
     lam_hat = torch.maximum(lam[:-1] - torch.tensor([math.log1p(gamma) if c else 0.0 for c in churn],
                                                     dtype=lam.dtype), lam[0])
-    churned = lam_hat < lam[:-1]
-    t_hat = torch.where(churned, sde.t_from_log_snr(lam_hat), times[:-1])  # grid times stay exact
-    alpha_hat, sigma_hat = sde.alpha_sigma(t_hat)
-    s_hat = torch.exp(-lam_hat)
-    # s_hat^2 - s_i^2 = s_i^2 expm1(2 (lam_i - lam_hat)), without cancellation
-    noise_scale = s_noise * torch.exp(-lam[:-1]) * torch.sqrt(torch.expm1(2 * (lam[:-1] - lam_hat)))
-    return (host_floats(t_hat), host_floats(alpha_hat), host_floats(sigma_hat), host_floats(s_hat),
-            host_floats(noise_scale), host_floats(churned))
+    mask = lam_hat < lam[:-1]
+    t_hat = torch.where(mask, sde.t_from_log_snr(lam_hat), times[:-1])  # grid times stay exact
+    # s_hat^2 - s_i^2 = s_i^2 expm1(2 (lam_i - lam_hat)), without cancellation; steps that do not
+    # churn take the square root of 1, not of 0, whose infinite slope would make the gradient NaN
+    gap = torch.where(mask, torch.expm1(2 * (lam[:-1] - lam_hat)), torch.ones_like(lam_hat))
+    noise_scale = torch.where(mask, s_noise * torch.exp(-lam[:-1]) * torch.sqrt(gap), torch.zeros_like(gap))
+    return mask.tolist(), t_hat, lam_hat, noise_scale  # sync: none, CPU
 
 
-@register("edm", grid="karras", stochastic=True, nfe_per_step=2)
-def edm(model, x, times, *, noise, callback, s_churn: float = 0.0, s_tmin: float = 0.0,
-        s_tmax: float = math.inf, s_noise: float = 1.0):
+@register("edm", grid="karras", stochastic=True)
+def edm(planner, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0):
     """Karras et al. 2022's stochastic sampler (Algorithm 2): churn noise in, then a Heun step, in
     (x/alpha, sigma/alpha). s_churn = 0 (the default) is deterministic Heun; noise is added where
-    s_tmin <= sigma/alpha <= s_tmax, gamma = min(s_churn/steps, sqrt(2) - 1), scaled by s_noise."""
+    s_tmin <= sigma/alpha <= s_tmax, gamma = min(s_churn/steps, sqrt(2) - 1), scaled by s_noise.
+
+    With y_hat = x_i/alpha_i + n z (the churn), D0 and D1 the x0 predictions at s_hat and s_{i+1},
+    h = s_{i+1} - s_hat and u = s_{i+1}/s_hat: the Euler point is y_e = u y_hat + (1 - u) D0 and
+    the step ends at y_{i+1} = u y_hat - (h/(2 s_hat)) (1 + h/s_{i+1}) D0 - (h/(2 s_{i+1})) D1, the
+    trapezoid y_hat + (h/2) (d0 + d1) with the slopes d = (y - D)/s written out.
+    """
     s_churn, s_tmin, s_tmax, s_noise = _check_options(s_churn, s_tmin, s_tmax, s_noise)
-    sde = model.sde
-    t_hat, alpha_hat, sigma_hat, s_hat, noise_scale, churned = _plan(sde, times, s_churn, s_tmin, s_tmax, s_noise)
-    t_host = host_floats(times)
-    alpha, sigma = (host_floats(v) for v in sde.alpha_sigma(times))
-    s = host_floats(torch.exp(-sde.log_snr(times)))
-
-    def denoise(y, a, sg, t):
-        """D(y; s): the model's x0 prediction at x = alpha y (the one place it is formed)."""
-        x_at = y * a
-        return eps_to_x0(x_at, model(x_at, t), a, sg)
-
-    y = x / alpha[0]
-    for i in range(len(times) - 1):
-        # Churn: raise the noise level from s_i to s_hat with fresh noise: the step's one draw,
-        # labelled with the step's own interval (so BrownianNoise gives independent increments).
-        if churned[i]:
-            y = y.add(noise(y, t_host[i], t_host[i + 1]), alpha=noise_scale[i])
-        # Heun from s_hat to s_{i+1}: Euler, then the trapezoid with the slope at the end.
-        h = s[i + 1] - s_hat[i]
-        d = (y - denoise(y, alpha_hat[i], sigma_hat[i], t_hat[i])) / s_hat[i]
-        y_next = y + h * d
-        d_next = (y_next - denoise(y_next, alpha[i + 1], sigma[i + 1], t_host[i + 1])) / s[i + 1]
-        y = y + (0.5 * h) * (d + d_next)
-        x = y * alpha[i + 1]
-        callback(i, x)
-    return x
+    sde, times = planner.sde, planner.times
+    churned, t_hat, lam_hat, noise_scale = _churn(sde, times, s_churn, s_tmin, s_tmax, s_noise)
+    alpha, sigma = sde.alpha_sigma(times)
+    alpha_hat, sigma_hat = sde.alpha_sigma(t_hat)
+    s_hat, s_1, alpha_1 = torch.exp(-lam_hat), sigma[1:] / alpha[1:], alpha[1:]
+    h, u = s_1 - s_hat, s_1 / s_hat
+    coefs = dict(
+        hat_x=alpha_hat / alpha[:-1], hat_z=alpha_hat * noise_scale,  # x_hat = alpha_hat y_hat
+        e_x=alpha_1 * u / alpha[:-1], e_z=alpha_1 * u * noise_scale, e_d0=alpha_1 * (1 - u),
+        end_x=alpha_1 * u / alpha[:-1], end_z=alpha_1 * u * noise_scale,
+        end_d0=-alpha_1 * (h / (2 * s_hat)) * (1 + h / s_1), end_d1=-alpha_1 * h / (2 * s_1))
+    c = {name: planner.values(v) for name, v in coefs.items()}
+    hat = [planner.values(v) for v in (t_hat, alpha_hat, sigma_hat)]
+    end = [planner.values(v) for v in (times[1:], alpha_1, sigma[1:])]
+    for i in range(planner.steps):
+        z = (lambda name: c[name][i]) if churned[i] else (lambda name: None)  # noqa: E731
+        d0 = planner.stage(*(v[i] for v in hat), "x0", x=c["hat_x"][i], noise=z("hat_z"))
+        d1 = planner.stage(*(v[i] for v in end), "x0", x=c["e_x"][i], terms=[(d0, c["e_d0"][i])], noise=z("e_z"))
+        planner.step(i, x=c["end_x"][i], terms=[(d0, c["end_d0"][i]), (d1, c["end_d1"][i])], noise=z("end_z"))

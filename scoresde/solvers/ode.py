@@ -15,6 +15,7 @@ import torch
 
 from .._util import F64, check_number, host_floats
 from .base import register
+from .plan import runge_kutta
 
 # Butcher tableaus (a: rows of the strictly lower triangle, b: weights, c: nodes).
 EULER = ((), (1.0,), (0.0,))
@@ -22,70 +23,22 @@ HEUN = (((1.0,),), (0.5, 0.5), (0.0, 1.0))
 RK4 = (((0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6), (0.0, 0.5, 0.5, 1.0))
 
 
-def t_from_ratio_s(sde, s):
-    """The time at which sigma/alpha = s, i.e. lambda = -log s."""
-    return sde.t_from_log_snr(-torch.log(s))
-
-
-def _rk_plan(sde, times, tableau):
-    """Every step's coefficients as host floats, in x coordinates. Stage j of step i evaluates the
-    model at x_ij = scale_ij x_i + sum_m weight_ijm k_m and time t_ij; the step ends at
-    x_{i+1} = keep_i x_i + sum_j weight_ij k_j. (From y = x/alpha: scale = alpha_ij/alpha_i and
-    weight = alpha_ij h_i a_jm, with h_i the step in s = sigma/alpha.)"""
-    a, b, c = tableau
-    alpha, sigma = sde.alpha_sigma(times)
-    s = sigma / alpha
-    h = s[1:] - s[:-1]
-    # Nodes at a step's ends reuse the grid's own times (exact DDPM indices for index-time nets);
-    # only interior nodes need t(s) inverted.
-    interior = {node: t_from_ratio_s(sde, s[:-1] + node * h) for node in set(c) if 0 < node < 1}
-    stage_t = [times[:-1] if node == 0 else times[1:] if node == 1 else interior[node] for node in c]
-    stage_alpha = [alpha[:-1] if node == 0 else alpha[1:] if node == 1 else sde.alpha(interior[node])
-                   for node in c]
-    stage_t, stage_alpha = torch.stack(stage_t, 1), torch.stack(stage_alpha, 1)
-    t_ij, scale_ij = host_floats(stage_t), host_floats(stage_alpha / alpha[:-1, None])
-    weight_ij = host_floats(stage_alpha * h[:, None])
-    keep, step_weight = host_floats(alpha[1:] / alpha[:-1]), host_floats(alpha[1:] * h)
-    plan = []
-    for i in range(len(keep)):
-        stages = [(t_ij[i][j], scale_ij[i][j],
-                   [(m, weight_ij[i][j] * a_jm) for m, a_jm in enumerate(a[j - 1] if j else ()) if a_jm])
-                  for j in range(len(b))]
-        plan.append((stages, keep[i], [step_weight[i] * b_j for b_j in b]))
-    return plan
-
-
-def _runge_kutta(tableau, model, x, times, callback):
-    for i, (stages, keep, weights) in enumerate(_rk_plan(model.sde, times, tableau)):
-        ks = []
-        for t, scale, terms in stages:
-            xj = x if scale == 1.0 else x * scale
-            for m, w in terms:
-                xj = xj.add(ks[m], alpha=w)
-            ks.append(model(xj, t))
-        x = x * keep
-        for k, w in zip(ks, weights):
-            x.add_(k, alpha=w)  # in place on the fresh x * keep
-        callback(i, x)
-    return x
-
-
 @register("euler", grid="quadratic")
-def euler(model, x, times, *, noise, callback):
+def euler(planner):
     """Euler's method on dy/ds = eps (first order; equals DDIM with eta = 0)."""
-    return _runge_kutta(EULER, model, x, times, callback)
+    runge_kutta(planner, EULER)
 
 
-@register("heun", grid="quadratic", nfe_per_step=2)
-def heun(model, x, times, *, noise, callback):
+@register("heun", grid="quadratic")
+def heun(planner):
     """Heun's method (explicit trapezoid, second order; Karras et al. 2022's deterministic sampler)."""
-    return _runge_kutta(HEUN, model, x, times, callback)
+    runge_kutta(planner, HEUN)
 
 
-@register("rk4", grid="quadratic", nfe_per_step=4)
-def rk4(model, x, times, *, noise, callback):
+@register("rk4", grid="quadratic")
+def rk4(planner):
     """The classical fourth-order Runge-Kutta method."""
-    return _runge_kutta(RK4, model, x, times, callback)
+    runge_kutta(planner, RK4)
 
 
 def _velocity(model):

@@ -1,11 +1,11 @@
 """Predictor-corrector sampling (Song et al. 2021, "Score-Based Generative Modeling through SDEs", Alg. 1):
 any registered fixed-step solver as the predictor, then Langevin MCMC steps at the time it reached.
 
-The predictor is not copied: step i runs the registered solver itself on the two-point grid
-times[i:i+2], so it computes that one step's coefficients as it would on the whole grid (pc with
-n_corrector=0 reproduces the predictor, bit for bit or to round-off). Only one-step solvers can serve
-(`ONE_STEP`): a multistep one would lose its history on two-point grids. The predictor runs with its
-default options.
+The predictor is not copied: its own plan, built on the whole grid with its options
+(`predictor_options`), is interleaved with the corrector's steps, so pc with n_corrector=0 is the
+predictor, bit for bit. Any one-step plan can predict; the plan itself tells (no step reads a model
+output of an earlier step). Multistep plans are refused: the corrector moves x off the trajectory
+their history describes.
 
 The corrector is Song et al.'s Langevin corrector for the VP-SDE (their Alg. 6 and score_sde's
 LangevinCorrector): at time t, with score g = -eps/sigma and z ~ N(0, I),
@@ -37,33 +37,59 @@ import sys
 
 import torch
 
-from .._util import MAX_STEPS, host_floats
+from .._util import MAX_STEPS
+from ..sde import VPSDE
 from .base import _SUM_DTYPE, SOLVERS, BrownianNoise, register
-
-# The registered one-step solvers: their step on the two-point grid times[i:i+2] is the step they take
-# on the whole grid. Multistep solvers ("unipc") would lose their history there, the torchsde bridge
-# builds a Brownian interval per call, and adaptive solvers have no steps: none of them can predict.
-# A new one-step solver joins this list (it fails closed: unlisted solvers are refused, by name).
-ONE_STEP = ("ancestral", "ddim", "edm", "euler", "euler_maruyama", "heun", "rk4")
-
-
-def _predictors() -> list[str]:
-    return sorted(n for n in ONE_STEP if n in SOLVERS and not SOLVERS[n].adaptive)
-
+from .plan import Planner
 
 STEP_SIZES = ("schedule", "batch")
 
 
+def _why_not(name) -> str | None:
+    """Why solver `name` cannot predict, or None if it can (a registered one-step plan builder)."""
+    spec = SOLVERS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        return " is unknown" if isinstance(name, str) else ""
+    if spec.adaptive:
+        return " is adaptive: it has no grid steps to predict"
+    if spec.name == "pc":
+        return " is pc itself"
+    if not spec.plans:
+        return " runs the whole solve itself (a bridge), so no corrector can step in between"
+    if not _one_step(_probe(spec, {}).plan.steps):
+        return (" is a multistep method: the corrector moves x off the trajectory that its history of model "
+                "outputs describes")
+    return None
 
 
-def _check_options(predictor, snr, n_corrector, step_size, noise):
-    valid = _predictors()
-    if not isinstance(predictor, str) or predictor not in valid:
-        spec = SOLVERS.get(predictor) if isinstance(predictor, str) else None
-        why = (" is adaptive: it has no grid steps to predict" if spec is not None and spec.adaptive
-               else " cannot predict one step at a time (a multistep method, a bridge, or pc itself)"
-               if spec is not None else " is unknown" if isinstance(predictor, str) else "")
-        raise ValueError(f"predictor={predictor!r}{why}; expected a one-step solver, one of {valid}")
+def _probe(spec, options) -> Planner:
+    """The solver's plan (unfinished) on a small probe grid."""
+    planner = Planner(VPSDE.linear(), torch.linspace(1.0, 1e-3, 4, dtype=torch.float64), torch.zeros(1, 1))
+    spec.fn(planner, **{**spec.options, **options})
+    return planner
+
+
+def _one_step(steps) -> bool:
+    """Whether every step reads only the model outputs of its own stages."""
+    first = 0
+    for step in steps:
+        combos = [stage.at for stage in step.stages] + [step.update]
+        if any(ref < first for combo in combos for ref, _ in combo.terms):
+            return False
+        first += len(step.stages)
+    return True
+
+
+def _predictors() -> list[str]:
+    return sorted(name for name in SOLVERS if _why_not(name) is None)
+
+
+def _check_options(predictor, snr, n_corrector, step_size, predictor_options, noise):
+    why = _why_not(predictor)
+    if why is not None:
+        raise ValueError(f"predictor={predictor!r}{why}; expected a one-step solver, one of {_predictors()}")
+    if not isinstance(predictor_options, dict) or not all(isinstance(k, str) for k in predictor_options):
+        raise ValueError(f"predictor_options={predictor_options!r}: expected a dict of the predictor's options")
     # Bounded by the largest float, not math.isfinite: that raises OverflowError for huge ints.
     if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not (0.0 < snr <= sys.float_info.max):
         raise ValueError(f"snr={snr!r}: expected a finite number > 0 (score_sde uses 0.16)")
@@ -82,37 +108,57 @@ def _mean_norm(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v.flatten(1), dim=1, dtype=_SUM_DTYPE.get(v.dtype)).mean()
 
 
-@register("pc", grid="log_snr", stochastic=True, nfe_per_step=2)
-def pc(model, x, times, *, noise, callback, predictor: str = "euler_maruyama", snr: float = 0.16,
-       n_corrector: int = 1, step_size: str = "schedule"):
-    """Predictor-corrector sampling (Song et al. 2021): a registered fixed-step predictor, then
-    `n_corrector` Langevin steps of signal-to-noise ratio `snr` at each new time. step_size: "schedule"
-    (the step Song et al.'s rule takes for ||eps|| ~ sqrt(d); samples independent of their batch) or
-    "batch" (score_sde's batch-mean norms); see the module notes. Model calls per step: the
-    predictor's (1 for the default "euler_maruyama") plus n_corrector."""
-    _check_options(predictor, snr, n_corrector, step_size, noise)
-    snr = float(snr)  # an int snr would reach torch as an int64 scalar
-    step = SOLVERS[predictor].fn
-    alpha, sigma = model.sde.alpha_sigma(times)
+def _batch_update(eps_coef, z_coef, ref):
+    """score_sde's step size: x + r^2 eps_coef eps + r z_coef z, r = mean ||z|| / mean ||eps|| (on the device)."""
+    def update(x, outputs, z):
+        eps = outputs[ref]
+        r = (_mean_norm(z) / _mean_norm(eps)).to(x.dtype)
+        if isinstance(eps_coef, float):
+            return x.addcmul(eps, r * r, value=eps_coef).addcmul_(z, r, value=z_coef)
+        return x.addcmul(eps, r * r * eps_coef).addcmul_(z, r * z_coef)
+
+    return update
+
+
+def _copy_step(planner: Planner, step, refs: dict, report: bool):
+    """Re-emit a predictor step into pc's plan, its output refs renumbered."""
+    for stage in step.stages:
+        at = stage.at
+        terms = [(refs[ref], c) for ref, c in at.terms]
+        refs[len(refs)] = planner.stage(stage.t, stage.alpha, stage.sigma, stage.kind, x=at.x, terms=terms,
+                                        noise=at.noise)
+    update = step.update
+    planner.step(step.index, x=update.x, terms=[(refs[ref], c) for ref, c in update.terms], noise=update.noise,
+                 t0=step.t0, t1=step.t1, report=report)
+
+
+@register("pc", grid="log_snr", stochastic=True)
+def pc(planner, predictor: str = "euler_maruyama", snr: float = 0.16, n_corrector: int = 1,
+       step_size: str = "schedule", predictor_options: dict | None = None):
+    """Predictor-corrector sampling (Song et al. 2021): a registered one-step predictor (with its
+    `predictor_options`), then `n_corrector` Langevin steps of signal-to-noise ratio `snr` at each new
+    time. step_size: "schedule" (the step Song et al.'s rule takes for ||eps|| ~ sqrt(d); samples
+    independent of their batch) or "batch" (score_sde's batch-mean norms); see the module notes.
+    Model calls per step: the predictor's (1 for the default "euler_maruyama") plus n_corrector."""
+    predictor_options = {} if predictor_options is None else predictor_options
+    _check_options(predictor, snr, n_corrector, step_size, predictor_options, planner.noise)
+    spec = SOLVERS[predictor]
+    inner = planner.sibling()
+    spec.fn(inner, **{**spec.options, **predictor_options})
+    sde, times = planner.sde, planner.times
+    alpha, sigma = sde.alpha_sigma(times)
     # e = 2 a (snr sigma)^2 r^2 with r = 1 ("schedule") or r = (mean ||z||) / (mean ||eps||) ("batch"),
     # as ||g|| = ||eps|| / sigma; so the update is x - (e / sigma) eps + sqrt(2 e) z.
-    e_unit = 2.0 * (alpha[:-1] / alpha[1:]) ** 2 * snr**2 * sigma[1:] ** 2
-    eps_coef, z_coef = host_floats(-e_unit / sigma[1:]), host_floats(torch.sqrt(2.0 * e_unit))
-    t_host = host_floats(times)
-
-    def quiet(i, x_now):  # the predictor's own callback: pc reports once per step, below
-        pass
-
-    for i in range(len(t_host) - 1):
-        x = step(model, x, times[i:i + 2], noise=noise, callback=quiet)
-        t = t_host[i + 1]
-        for _ in range(n_corrector):
-            eps = model(x, t)
-            z = noise(x, t, t)  # Langevin draws: no Brownian increment, so t0 = t1
-            if step_size == "schedule":
-                x = x.add(eps, alpha=eps_coef[i]).add_(z, alpha=z_coef[i])
-            else:
-                r = (_mean_norm(z) / _mean_norm(eps)).to(x.dtype)  # on the device: no host read
-                x = x.addcmul(eps, r * r, value=eps_coef[i]).addcmul_(z, r, value=z_coef[i])
-        callback(i, x)
-    return x
+    e_unit = 2.0 * (alpha[:-1] / alpha[1:]) ** 2 * float(snr) ** 2 * sigma[1:] ** 2
+    eps_coef, z_coef = planner.values(-e_unit / sigma[1:]), planner.values(torch.sqrt(2.0 * e_unit))
+    t, alpha, sigma = (planner.values(v) for v in (times[1:], alpha[1:], sigma[1:]))
+    refs = {}
+    for step in inner.plan.steps:
+        i = step.index
+        _copy_step(planner, step, refs, report=not n_corrector)
+        for k in range(n_corrector):
+            eps = planner.stage(t[i], alpha[i], sigma[i], "eps")
+            t_i = planner.t_host[i + 1]  # Langevin draws: no Brownian increment, so t0 = t1
+            custom = _batch_update(eps_coef[i], z_coef[i], eps) if step_size == "batch" else None
+            planner.step(i, terms=[(eps, eps_coef[i])], noise=z_coef[i], t0=t_i, t1=t_i,
+                         report=k == n_corrector - 1, custom=custom)

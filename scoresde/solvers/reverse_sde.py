@@ -12,22 +12,19 @@ from .base import BrownianNoise, register
 
 
 @register("euler_maruyama", grid="log_snr", stochastic=True)
-def euler_maruyama(model, x, times, *, noise, callback):
+def euler_maruyama(planner):
     """Euler-Maruyama on the reverse SDE, with score = -eps/sigma:
     x <- x + dt (beta x / 2 - beta eps / sigma) + sqrt(beta dt) z,  dt = t_i - t_{i+1} > 0."""
-    sde = model.sde
+    sde, times = planner.sde, planner.times
     t, dt = times[:-1], times[:-1] - times[1:]
+    alpha, sigma = sde.alpha_sigma(t)
     beta_dt = sde.beta(t) * dt
-    keep = host_floats(1.0 + 0.5 * beta_dt)
-    eps_coef = host_floats(-beta_dt / sde.sigma(t))
-    noise_coef = host_floats(torch.sqrt(beta_dt))
-    t_host = host_floats(times)
-    for i in range(len(keep)):
-        eps = model(x, t_host[i])
-        z = noise(x, t_host[i], t_host[i + 1])
-        x = (x * keep[i]).add_(eps, alpha=eps_coef[i]).add_(z, alpha=noise_coef[i])
-        callback(i, x)
-    return x
+    keep, eps_coef, noise_coef = (planner.values(v) for v in (1.0 + 0.5 * beta_dt, -beta_dt / sigma,
+                                                                torch.sqrt(beta_dt)))
+    t, alpha, sigma = (planner.values(v) for v in (t, alpha, sigma))
+    for i in range(planner.steps):
+        eps = planner.stage(t[i], alpha[i], sigma[i], "eps")
+        planner.step(i, x=keep[i], terms=[(eps, eps_coef[i])], noise=noise_coef[i])
 
 
 TORCHSDE_METHODS = ("euler", "milstein", "srk", "midpoint", "heun")

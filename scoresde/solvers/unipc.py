@@ -23,8 +23,6 @@ import math
 
 import torch
 
-from .._util import host_floats
-from ..prediction import eps_to_x0
 from .base import register
 
 ORDERS = (1, 2, 3)
@@ -32,91 +30,86 @@ VARIANTS = ("bh1", "bh2")
 LOWER_ORDER_FINAL_BELOW = 15  # lower_order_final acts on grids of fewer steps (as DPM-Solver's does)
 
 
-def _phi(k: int, z: float) -> float:
-    """phi_k(z) = sum_n z^n / (n + k)!, so phi_1(z) = (e^z - 1)/z and phi_{k+1}(z) = (phi_k(z) - 1/k!)/z.
-    The recursion cancels catastrophically for small |z|: there the series is used instead."""
-    if abs(z) < 1.0:
-        term, total, n = 1.0 / math.factorial(k), 0.0, 0
-        while abs(term) > 1e-17 * abs(total) or n < 2:
-            total += term
-            n += 1
-            term *= z / (n + k)
-        return total
-    value = math.expm1(z) / z
+SERIES_TERMS = 24  # for |z| < 1 the series' terms fall below 1/24! ~ 1.6e-24 of the first
+
+
+def _phi(k: int, z: torch.Tensor) -> torch.Tensor:
+    """phi_k(z) = sum_n z^n / (n + k)!, so phi_1(z) = (e^z - 1)/z and phi_{k+1}(z) = (phi_k(z) - 1/k!)/z,
+    elementwise. The recursion cancels catastrophically for small |z|: there the series is used."""
+    small = z.abs() < 1.0
+    zs = torch.where(small, z, torch.zeros_like(z))  # each branch sees only the z it serves (finite gradients)
+    zl = torch.where(small, torch.ones_like(z), z)
+    term, series = torch.full_like(z, 1.0 / math.factorial(k)), torch.zeros_like(z)
+    for n in range(1, SERIES_TERMS + 1):
+        series = series + term
+        term = term * zs / (n + k)
+    value = torch.expm1(zl) / zl
     for j in range(1, k):
-        value = (value - 1.0 / math.factorial(j)) / z
-    return value
+        value = (value - 1.0 / math.factorial(j)) / zl
+    return torch.where(small, series, value)
 
 
-def _solve(R, b) -> list:
-    """The small (at most 3 x 3) Vandermonde system R rho = b, by Gaussian elimination with partial
-    pivoting on Python floats (float64): no tensor round trip per step of the plan."""
-    n = len(b)
-    A = [list(row) + [bi] for row, bi in zip(R, b)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(A[r][col]))
-        A[col], A[pivot] = A[pivot], A[col]
-        for r in range(col + 1, n):
-            f = A[r][col] / A[col][col]
-            A[r] = [a - f * p for a, p in zip(A[r], A[col])]
-    rho = [0.0] * n
-    for r in reversed(range(n)):
-        rho[r] = (A[r][n] - sum(A[r][c] * rho[c] for c in range(r + 1, n))) / A[r][r]
-    return rho
+def _rho(r: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """Per step, the solution of the Vandermonde system R rho = b with R_jm = r_m^(j-1) (j, m < k):
+    r and b are (steps, >= k), the result (steps, k); batched, so it keeps the grid's gradient."""
+    R = torch.stack([r[:, :k] ** j for j in range(k)], dim=1)
+    return torch.linalg.solve(R, b[:, :k])
 
 
-def _step_weights(lam: list, i: int, k: int, variant: str):
-    """rho for the predictor (k - 1 values) and the corrector (k values) of step i at order k,
-    with r_m (m = 1..k-1), h and B(h)."""
-    h = lam[i + 1] - lam[i]
-    r = [(lam[i - m] - lam[i]) / h for m in range(1, k)] + [1.0]
-    B = -h if variant == "bh1" else math.expm1(-h)
-    b = [math.factorial(j) * -h * _phi(j + 1, -h) / B for j in range(1, k + 1)]
-    R = [[rm ** (j - 1) for rm in r] for j in range(1, k + 1)]
-    rho_p = [] if k == 1 else [0.5] if k == 2 else _solve([row[:k - 1] for row in R[:k - 1]], b[:k - 1])
-    rho_c = [0.5] if k == 1 else _solve(R, b)
-    return rho_p, rho_c, r, h, B
-
-
-def _plan(sde, times, order, variant, lower_order_final, corrector):
-    """Per step: (k, predictor weights, corrector weights or None), as host floats in x coordinates.
-
-    Predictor: x_pred = keep x_i + sum_j w_j m_{i-j} (j = 0..k-1). Corrector: x_{i+1} = x_pred +
-    sum_j c_j m_{i-j} + c_new m_{i+1}. Expanding D_m = (m_{i-m} - m_i)/r_m gives the weights.
-    """
-    alpha, sigma = (host_floats(v) for v in sde.alpha_sigma(times))
-    lam = host_floats(sde.log_snr(times))
-    steps = len(times) - 1
+def _step_orders(steps: int, order: int, lower_order_final: bool) -> list:
+    """Each step's order k: a warm start (only i + 1 model outputs exist at step i) and, on grids of
+    fewer than LOWER_ORDER_FINAL_BELOW steps with lower_order_final, k <= steps - i at the end."""
     final_lowering = lower_order_final and steps < LOWER_ORDER_FINAL_BELOW
-    plan = []
-    for i in range(steps):
-        k = min(order, i + 1)  # warm start: only i + 1 model outputs exist yet
-        if final_lowering:
-            k = min(k, steps - i)
-        rho_p, rho_c, r, h, B = _step_weights(lam, i, k, variant)
-        a = alpha[i + 1]
-        pred = [a * -math.expm1(-h)] + [0.0] * (k - 1)  # the exponential-Euler part, on m_i
-        for m, rho in enumerate(rho_p, start=1):
-            pred[m] -= a * B * rho / r[m - 1]
-            pred[0] += a * B * rho / r[m - 1]
-        corr = None
-        if corrector and i < steps - 1:  # no corrector after the last step: it would cost a call
-            diff = [a * B * rho_c[-1]] + [0.0] * (k - 1)  # rho'_k (m_{i+1} - m_i), its m_i part
-            for m in range(1, k):  # the corrector's weight on D_m less the predictor's
-                d = rho_c[m - 1] - (rho_p[m - 1] if rho_p else 0.0)
-                diff[m] -= a * B * d / r[m - 1]
-                diff[0] += a * B * d / r[m - 1]
-            corr = (diff, -a * B * rho_c[-1])
-        plan.append((k, sigma[i + 1] / sigma[i], pred, corr))
-    return plan
+    return [min(order, i + 1, steps - i if final_lowering else order) for i in range(steps)]
+
+
+def _weights(sde, times, order: int, variant: str):
+    """Per step (as (steps,) tensors): keep = sigma_{i+1}/sigma_i and, for each order k, the
+    predictor's weights pred[k][j] and the corrector's extra weights diff[k][j] on m_{i-j}
+    (j < k) and w_new[k] on m_{i+1}, in x coordinates.
+
+    Predictor: x_pred = keep x_i + sum_j pred_j m_{i-j}; corrector: x_{i+1} = x_pred + sum_j diff_j m_{i-j}
+    + w_new m_{i+1}. Expanding D_m = (m_{i-m} - m_i)/r_m gives the weights. Steps too early for order k
+    get placeholder ratios r_m = -m (a solvable system), never used.
+    """
+    alpha, sigma = sde.alpha_sigma(times)
+    lam = sde.log_snr(times)
+    h = lam[1:] - lam[:-1]
+    steps = len(h)
+    index = torch.arange(steps)
+    r = torch.stack([torch.where(index >= m, (lam[(index - m).clamp(min=0)] - lam[:-1]) / h,
+                                 torch.full_like(h, -float(m))) for m in range(1, order)] + [torch.ones_like(h)], 1)
+    B = -h if variant == "bh1" else torch.expm1(-h)
+    b = torch.stack([math.factorial(j) * -h * _phi(j + 1, -h) / B for j in range(1, order + 1)], 1)
+    a = alpha[1:]
+    pred, diff, w_new = {}, {}, {}
+    for k in range(1, order + 1):
+        inner = r[:, list(range(k - 1)) + [order - 1]]  # r_1 .. r_{k-1}, then r_k = 1
+        rho_p = (torch.zeros(steps, 0, dtype=h.dtype) if k == 1 else torch.full((steps, 1), 0.5, dtype=h.dtype)
+                 if k == 2 else _rho(inner, b, k - 1))
+        rho_c = torch.full((steps, 1), 0.5, dtype=h.dtype) if k == 1 else _rho(inner, b, k)
+        pred[k] = _expand(-a * torch.expm1(-h), a * B, rho_p, inner, k)
+        extra = rho_c[:, :k - 1] - (rho_p if k > 1 else 0.0)
+        diff[k] = _expand(a * B * rho_c[:, -1], a * B, extra, inner, k)
+        w_new[k] = -a * B * rho_c[:, -1]
+    return sigma[1:] / sigma[:-1], pred, diff, w_new
+
+
+def _expand(on_m_i, scale, rho, r, k) -> list:
+    """Weights on m_i, m_{i-1}, ..., m_{i-k+1} of on_m_i m_i - scale sum_m rho_m D_m, D_m = (m_{i-m} - m_i)/r_m."""
+    weights = [on_m_i] + [None] * (k - 1)
+    for m in range(1, k):
+        term = scale * rho[:, m - 1] / r[:, m - 1]
+        weights[m] = -term
+        weights[0] = weights[0] + term
+    return weights
 
 
 # Default grid: equal steps in lambda, the integrator's own variable. Worst spread error on the sharp
 # ring (GaussianMixture.ring2d) at 10/15/20/30/50 model calls: log_snr 0.21/0.05/0.11/0.07/0.05,
 # quadratic 0.34/0.20/0.06/0.05/0.03, karras 0.56/0.33/0.04/0.08/0.06 (20,000 samples).
-@register("unipc", grid="log_snr", nfe_per_step=1)
-def unipc(model, x, times, *, noise, callback, order: int = 2, variant: str = "bh2",
-          lower_order_final: bool = True, corrector: bool = True):
+@register("unipc", grid="log_snr")
+def unipc(planner, order: int = 2, variant: str = "bh2", lower_order_final: bool = True, corrector: bool = True):
     """UniPC (Zhao et al. 2023) in data prediction: predictor UniP-`order`, corrector UniC after every
     step but the last (one model call per step; order + 1 overall). variant: B(h) = e^h - 1 ("bh2",
     diffusers' default) or h ("bh1"). lower_order_final: on grids of fewer than 15 steps, drop to
@@ -128,28 +121,22 @@ def unipc(model, x, times, *, noise, callback, order: int = 2, variant: str = "b
     for name, value in (("lower_order_final", lower_order_final), ("corrector", corrector)):
         if not isinstance(value, bool):
             raise ValueError(f"{name}={value!r}: expected True or False")
-    sde = model.sde
-    plan = _plan(sde, times, order, variant, lower_order_final, corrector)
-    t_host = host_floats(times)
-    alpha, sigma = (host_floats(v) for v in sde.alpha_sigma(times))
-
-    def x0(x_at, j):
-        """The model's data prediction at grid point j (the one place x0 is formed)."""
-        return eps_to_x0(x_at, model(x_at, t_host[j]), alpha[j], sigma[j])
-
-    history = [x0(x, 0)]  # m_i, m_{i-1}, ... newest first; at most `order` kept
-    for i, (k, keep, pred, corr) in enumerate(plan):
-        x_new = x * keep
-        for j in range(k):
-            x_new.add_(history[j], alpha=pred[j])
-        if i < len(plan) - 1:  # the next step needs m_{i+1}; the last step does not
-            m_new = x0(x_new, i + 1)
-            if corr is not None:  # out of place: x_new was the model's input
-                diff, w_new = corr
-                x_new = torch.add(x_new, m_new, alpha=w_new)
-                for j in range(k):
-                    x_new.add_(history[j], alpha=diff[j])
-            history = [m_new] + history[:order - 1]
-        x = x_new
-        callback(i, x)
-    return x
+    sde, times = planner.sde, planner.times
+    keep, pred, diff, w_new = _weights(sde, times, order, variant)
+    keep = planner.values(keep)
+    pred, diff = ({k: [planner.values(w) for w in ws] for k, ws in d.items()} for d in (pred, diff))
+    w_new = {k: planner.values(w) for k, w in w_new.items()}
+    alpha, sigma = sde.alpha_sigma(times)
+    nodes = [planner.values(v) for v in (times, alpha, sigma)]
+    last = planner.steps - 1
+    history = [planner.stage(*(v[0] for v in nodes), "x0")]  # refs of m_i, m_{i-1}, ..., newest first
+    for i, k in enumerate(_step_orders(planner.steps, order, lower_order_final)):
+        terms = [(history[j], pred[k][j][i]) for j in range(k)]
+        if i == last:  # the last step needs no m_{i+1}: no model call, no corrector
+            planner.step(i, x=keep[i], terms=terms)
+            continue
+        m_new = planner.stage(*(v[i + 1] for v in nodes), "x0", x=keep[i], terms=terms)
+        if corrector:  # UniC: the call the next predictor needs anyway
+            terms = [(ref, w + diff[k][j][i]) for j, (ref, w) in enumerate(terms)] + [(m_new, w_new[k][i])]
+        planner.step(i, x=keep[i], terms=terms)
+        history = [m_new] + history[:order - 1]

@@ -1,0 +1,235 @@
+"""Plan, then step: a fixed-step solver builds a plan from the schedule and the grid, and one
+executor runs any plan.
+
+A plan is a list of steps. A step evaluates the model at a few stages and then moves the state;
+every point involved is a linear combination
+
+    c_x x + sum_j c_j out_j + c_z z
+
+of the state x at the step's start, model outputs out_j (of this step's stages, or of earlier
+steps: a multistep method's history) and the step's one noise draw z. The coefficients are computed
+with torch ops from the grid tensor: floats when nothing asks for gradients, and 0-d tensors when the
+grid requires grad under `grad=True`, so that samples are differentiable with respect to the times.
+Each stage names the prediction it wants ("eps" or "x0"); the executor converts the model's output
+once, with the alpha and sigma the plan already holds.
+
+Runge-Kutta methods come from one engine (`runge_kutta`, Butcher tableaus) in the coordinates
+y = x/alpha, s = sigma/alpha where the probability-flow ODE reads dy/ds = eps (DDIM eq. 14).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sde import VPSDE
+
+Coef = float | torch.Tensor  # a host float, or a 0-d tensor on the samples' device (differentiable plans)
+KINDS = ("eps", "x0")
+
+
+@dataclass(frozen=True)
+class Combo:
+    """c_x x + sum c_j out[ref_j] + c_z z, with refs indexing the run's model outputs."""
+
+    x: Coef = 1.0
+    terms: tuple[tuple[int, Coef], ...] = ()
+    noise: Coef | None = None
+
+
+@dataclass(frozen=True)
+class Custom:
+    """A step's update that no fixed linear combination says (pc's batch-norm step size):
+    fn(x, outputs, z) -> the new state. terms: the outputs it reads, as (ref, unused) pairs."""
+
+    fn: Callable
+    terms: tuple[tuple[int, Coef], ...]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One model call: at the point `at`, time t (with its alpha and sigma), wanting prediction `kind`."""
+
+    t: Coef
+    alpha: Coef
+    sigma: Coef
+    kind: str
+    at: Combo
+
+
+@dataclass(frozen=True)
+class Step:
+    """Stages, then the new state `update`. index: the grid step it belongs to (messages and the
+    callback); t0, t1: the span its noise draw stands for; report: call the callback after it."""
+
+    index: int
+    t0: float
+    t1: float
+    stages: tuple[Stage, ...]
+    update: Combo | Custom
+    draws: bool
+    report: bool
+    release: tuple[int, ...] = ()  # outputs no later step reads: dropped after this one
+
+
+@dataclass
+class Plan:
+    """The steps of one run; `nfe` counts its model calls (the final denoising call not included)."""
+
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def nfe(self) -> int:
+        return sum(len(step.stages) for step in self.steps)
+
+
+def _is_zero(c) -> bool:
+    return c is None or (isinstance(c, float) and c == 0.0)
+
+
+class Planner:
+    """What a plan builder works with: the schedule, the grid, and how coefficients reach the
+    executor (`values`). Builders add stages and steps in order; refs are the outputs' positions."""
+
+    def __init__(self, sde: VPSDE, times: torch.Tensor, like: torch.Tensor, noise=None):
+        self.sde, self.times, self.noise, self._like = sde, times, noise, like
+        self.differentiable = times.requires_grad and torch.is_grad_enabled()
+        self._device = like.device
+        self._dtype = torch.promote_types(like.dtype, torch.float32)
+        self.t_host = times.detach().tolist()  # sync: none, a CPU grid
+        self.plan = Plan()
+        self._stages: list[Stage] = []
+        self._outputs = 0
+
+    def sibling(self) -> "Planner":
+        """A fresh planner on the same schedule, grid and samples (to build another solver's plan)."""
+        return Planner(self.sde, self.times, self._like, self.noise)
+
+    @property
+    def steps(self) -> int:
+        return len(self.t_host) - 1
+
+    def values(self, vector: torch.Tensor) -> list:
+        """A float64 CPU vector of per-step coefficients as the executor takes them: host floats,
+        or (differentiable plans) 0-d tensors on the samples' device that keep their gradient."""
+        if not self.differentiable:
+            return vector.detach().tolist()  # sync: none, CPU float64 schedule math
+        return list(vector.to(self._device, self._dtype).unbind(0))
+
+    def stage(self, t: Coef, alpha: Coef, sigma: Coef, kind: str = "eps", x: Coef = 1.0, terms=(),
+              noise: Coef | None = None) -> int:
+        """Evaluate the model at x * x + sum terms (+ noise * z); returns the output's ref."""
+        self._stages.append(Stage(t, alpha, sigma, kind, _combo(x, terms, noise)))
+        self._outputs += 1
+        return self._outputs - 1
+
+    def step(self, i: int, x: Coef = 1.0, terms=(), noise: Coef | None = None, *, t0: float | None = None,
+             t1: float | None = None, report: bool = True, custom: Callable | None = None):
+        """End grid step i (or a sub-step of it, report=False) with the state x * x + sum terms (+ noise * z),
+        or custom(x, outputs, z) reading the outputs in terms (then `noise` only says whether it draws)."""
+        update = _combo(x, terms, noise) if custom is None else Custom(custom, tuple(terms))
+        stages, self._stages = tuple(self._stages), []
+        draws = not _is_zero(noise) or any(not _is_zero(s.at.noise) for s in stages)
+        t0 = self.t_host[i] if t0 is None else t0
+        t1 = self.t_host[i + 1] if t1 is None else t1
+        self.plan.steps.append(Step(i, t0, t1, stages, update, draws, report))
+
+    def denoise(self):
+        """The final denoising step: the model's x0 at the grid's last time (one more model call)."""
+        t = self.times[-1:]
+        alpha, sigma = self.sde.alpha_sigma(t)
+        ref = self.stage(self.values(t)[0], self.values(alpha)[0], self.values(sigma)[0], "x0")
+        end = self.t_host[-1]
+        self.step(self.steps, x=0.0, terms=[(ref, 1.0)], t0=end, t1=end, report=False)
+
+    def finish(self) -> Plan:
+        """The plan, with each output released after the last step that reads it."""
+        last_read: dict[int, int] = {}
+        for k, step in enumerate(self.plan.steps):
+            for combo in [s.at for s in step.stages] + [step.update]:
+                for ref, _ in combo.terms:
+                    last_read[ref] = k
+        released: dict[int, list[int]] = {}
+        for ref, k in last_read.items():
+            released.setdefault(k, []).append(ref)
+        self.plan.steps = [Step(**{**s.__dict__, "release": tuple(released.get(k, ()))})
+                           for k, s in enumerate(self.plan.steps)]
+        return self.plan
+
+
+def _combo(x, terms, noise) -> Combo:
+    terms = tuple((ref, c) for ref, c in terms if not _is_zero(c))
+    return Combo(x, terms, None if _is_zero(noise) else noise)
+
+
+# ---- the executor ---------------------------------------------------------------------------------------
+def _axpy(acc: torch.Tensor, y: torch.Tensor, c: Coef, fresh: bool) -> torch.Tensor:
+    """acc + c y: in place when acc is a tensor of our own (fresh), else out of place."""
+    if isinstance(c, float):
+        return acc.add_(y, alpha=c) if fresh else torch.add(acc, y, alpha=c)
+    return acc.addcmul_(y, c) if fresh else torch.addcmul(acc, y, c)
+
+
+def combine(x: torch.Tensor, combo: Combo, outputs: list, z: torch.Tensor | None) -> torch.Tensor:
+    """The point c_x x + sum c_j out_j + c_z z, in as few passes over the state as it takes."""
+    c_x = combo.x
+    if isinstance(c_x, float) and c_x in (0.0, 1.0):
+        acc, fresh = (None if c_x == 0.0 else x), False
+    else:
+        acc, fresh = x * c_x, True
+    for ref, c in combo.terms:
+        y = outputs[ref]
+        if acc is None:  # the state does not enter (a final denoising step)
+            acc, fresh = (y, False) if isinstance(c, float) and c == 1.0 else (y * c, True)
+        else:
+            acc, fresh = _axpy(acc, y, c, fresh), True
+    if combo.noise is not None:
+        acc = _axpy(acc, z, combo.noise, fresh)
+    return acc
+
+
+def execute(plan: Plan, model, x: torch.Tensor, noise, callback) -> torch.Tensor:
+    """Run `plan` from x: sync-free (no host reads), one model call per stage."""
+    outputs: list = []
+    for step in plan.steps:
+        model.step = step.index
+        z = noise(x, step.t0, step.t1) if step.draws else None
+        for stage in step.stages:
+            u = combine(x, stage.at, outputs, z)
+            outputs.append(model.predict(u, stage.t, stage.alpha, stage.sigma, stage.kind))
+        update = step.update
+        x = combine(x, update, outputs, z) if isinstance(update, Combo) else update.fn(x, outputs, z)
+        for ref in step.release:
+            outputs[ref] = None
+        if step.report:
+            callback(step.index, x)
+    return x
+
+
+# ---- Runge-Kutta in (y = x/alpha, s = sigma/alpha) -----------------------------------------------------
+def runge_kutta(planner: Planner, tableau):
+    """Explicit Runge-Kutta on dy/ds = eps, written in x: stage j of step i evaluates eps at
+    x_ij = (alpha_ij/alpha_i) x_i + sum_m alpha_ij h_i a_jm k_m and t_ij = t(s_i + c_j h_i), and the step
+    ends at x_{i+1} = (alpha_{i+1}/alpha_i) x_i + sum_j alpha_{i+1} h_i b_j k_j."""
+    a, b, c = tableau
+    sde, times = planner.sde, planner.times
+    alpha, sigma = sde.alpha_sigma(times)
+    s = sigma / alpha
+    h = s[1:] - s[:-1]
+    # Nodes at a step's ends reuse the grid's own times (exact DDPM indices for index-time nets);
+    # only interior nodes need t(s) inverted.
+    nodes = {}
+    for node in set(c):
+        t = times[:-1] if node == 0 else times[1:] if node == 1 else sde.t_from_log_snr(-torch.log(s[:-1] + node * h))
+        node_alpha, node_sigma = sde.alpha_sigma(t)
+        nodes[node] = [planner.values(v) for v in (t, node_alpha, node_sigma, node_alpha / alpha[:-1],
+                                                    node_alpha * h)]
+    keep, weight = planner.values(alpha[1:] / alpha[:-1]), planner.values(alpha[1:] * h)
+    for i in range(planner.steps):
+        refs = []
+        for j, node in enumerate(c):
+            t, node_alpha, node_sigma, scale, node_weight = (v[i] for v in nodes[node])
+            terms = [(refs[m], node_weight * a_jm) for m, a_jm in enumerate(a[j - 1] if j else ()) if a_jm]
+            refs.append(planner.stage(t, node_alpha, node_sigma, "eps", x=scale, terms=terms))
+        planner.step(i, x=keep[i], terms=[(ref, weight[i] * b_j) for ref, b_j in zip(refs, b)])

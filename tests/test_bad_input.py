@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import scoresde as sd
+from scoresde.solvers.options import Flag, Integer, Number, Table
 
 F64 = torch.float64
 SOLVER_NAMES = sorted(sd.SOLVERS)
@@ -78,24 +79,69 @@ def test_unknown_solver_option(solver, option):
     rejected(TypeError, repr(solver), option, solver=solver, **{option: 0.5})
 
 
-@pytest.mark.parametrize("eta", [1.5, -0.1, float("nan"), "1", True])
-def test_ddim_eta_outside_unit_interval(eta):
-    rejected(ValueError, f"eta={eta!r}", solver="ddim", steps=5, eta=eta)
-
-
-def test_unknown_ancestral_variance():
-    rejected(ValueError, "variance='fixed'", "posterior", "beta", solver="ancestral", steps=5, variance="fixed")
-
-
-@pytest.mark.parametrize("solver,method", [("dopri5", "rk4"), ("dopri5", "nope"), ("torchsde", "nope"),
-                                           ("torchsde", "reversible_heun")])
-def test_unknown_method(solver, method):
-    kw = {} if sd.SOLVERS[solver].adaptive else {"steps": 5}
-    rejected(ValueError, f"method={method!r}", solver=solver, method=method, **kw)
-
-
 def test_unknown_rk45_method():
     rejected(ValueError, "method='nope'", solver="rk45", method="nope")
+
+
+def _bad_values(option) -> list:
+    """(value, error) pairs that a declared option refuses, derived from the declaration itself."""
+    if isinstance(option, Number):
+        bad = [("0.5", TypeError), (True, TypeError), (None, TypeError), (float("nan"), ValueError)]
+        bad += [(option.low - 1.0, ValueError)] if option.low > -math.inf else []
+        bad += [(option.low, ValueError)] if option.low_open else []
+        bad += [(option.high + 1.0, ValueError)] if option.high < math.inf else []
+        return bad + ([(math.inf, ValueError)] if option.finite else [])
+    if isinstance(option, Integer):
+        bad = [(1.5, TypeError), (True, TypeError), ("1", TypeError)]
+        bad += [(int(option.low) - 1, ValueError)] if option.low > -math.inf else []
+        return bad + ([(int(option.high) + 1, ValueError)] if option.high < math.inf else [])
+    if isinstance(option, Flag):
+        return [("yes", TypeError), (1, TypeError), (None, TypeError)]
+    if isinstance(option, Table):
+        return [([("s_churn", 1.0)], TypeError), ({1: 2.0}, TypeError)]
+    return [(3, TypeError), (None, TypeError), ("nope", ValueError)]  # names: Choice, pc's predictor
+
+
+DECLARED = [(name, option, value, error) for name in SOLVER_NAMES
+            for option, declaration in sd.SOLVERS[name].declared.items()
+            for value, error in _bad_values(declaration)]
+
+
+@pytest.mark.parametrize("solver,option,value,error", DECLARED,
+                         ids=[f"{s}-{o}-{v!r}" for s, o, v, _ in DECLARED])
+def test_every_declared_option_is_checked_by_the_one_validator(solver, option, value, error):
+    """One rule for every solver: a TypeError for a wrong type, a ValueError for a wrong value,
+    naming the option, the value, the solver and what is allowed, before any model call."""
+    kw = {} if sd.SOLVERS[solver].adaptive else {"steps": 5}
+    allowed = sd.SOLVERS[solver].declared[option].describe()
+    message = rejected(error, f"{option}={value!r}", f"solver {solver!r} expects", solver=solver,
+                       **{option: value}, **kw)
+    assert allowed in message
+
+
+def test_the_issue_examples_are_one_rule_now():
+    """The inconsistencies the redesign removed: a str tolerance and a str flag are TypeErrors
+    everywhere, like final_denoise="yes"."""
+    for solver in ("dopri5", "rk45", "adaptive_sde"):
+        rejected(TypeError, "rtol='1e-5'", solver=solver, rtol="1e-5")
+    rejected(TypeError, "final_denoise='yes'", solver="heun", steps=5, final_denoise="yes")
+    rejected(TypeError, "lower_order_final='yes'", solver="dpm_solver_pp_2m", steps=5, lower_order_final="yes")
+
+
+def test_pc_checks_its_predictors_options_against_the_predictors_declarations():
+    rejected(ValueError, "s_churn=-1.0", "solver 'edm' expects", solver="pc", steps=5, predictor="edm",
+             predictor_options={"s_churn": -1.0})
+    rejected(TypeError, "solver 'heun' got unknown option(s) eta", solver="pc", steps=5, predictor="heun",
+             predictor_options={"eta": 0.5})
+
+
+def test_a_solver_must_declare_its_options():
+    def undeclared(planner, eta: float = 0.0):
+        pass
+
+    with pytest.raises(TypeError, match="option 'eta' has a default but no declaration"):
+        sd.solvers.register("undeclared_options")(undeclared)
+    assert "undeclared_options" not in sd.SOLVERS
 
 
 @pytest.mark.parametrize("solver", ADAPTIVE)

@@ -180,7 +180,7 @@ OPTION_GOOD = {
     "s_tmin": st.floats(0.0, 1.0), "s_tmax": st.floats(1.0, math.inf), "s_noise": st.floats(0.5, 1.5),
     "predictor": st.sampled_from(pc._predictors()), "snr": st.floats(0.01, 0.5), "n_corrector": st.integers(0, 2),
     "step_size": st.sampled_from(pc.STEP_SIZES), "order": st.integers(1, 3), "variant": st.sampled_from(("bh1", "bh2")),
-    "corrector": st.booleans(),
+    "corrector": st.booleans(), "predictor_options": st.just({}),
 }
 METHODS = {"dopri5": ode.TORCHDIFFEQ_ADAPTIVE, "rk45": ode.SCIPY_METHODS, "torchsde": sde_solvers.TORCHSDE_METHODS}
 SAMPLE_GOOD = {

@@ -215,32 +215,17 @@ def test_pc_loop_is_sync_free(monkeypatch, predictor, step_size):
     assert x.device.type == "meta" and x.shape == x_T.shape
 
 
-@pytest.mark.parametrize("snr", [0, 0.0, -0.16, float("nan"), float("inf"), "0.16", True, None])
-def test_pc_refuses_bad_snr(snr):
-    rejected(ValueError, f"snr={snr!r}", "> 0", solver="pc", steps=5, snr=snr)
-
-
-@pytest.mark.parametrize("step_size", ["per_sample", "Batch", "", None, 0.1, True])
-def test_pc_refuses_bad_step_size(step_size):
-    msg = rejected(ValueError, f"step_size={step_size!r}", solver="pc", steps=5, step_size=step_size)
-    assert "'schedule'" in msg and "'batch'" in msg  # the choices are named
-
-
-@pytest.mark.parametrize("n_corrector", [-1, 1.5, 1.0, True, "1", None])
-def test_pc_refuses_bad_n_corrector(n_corrector):
-    rejected(ValueError, f"n_corrector={n_corrector!r}", ">= 0", solver="pc", steps=5, n_corrector=n_corrector)
-
-
 @pytest.mark.parametrize("predictor,why", [("nope", "unknown"), ("eulr", "unknown"), ("dopri5", "adaptive"),
                                            ("rk45", "adaptive"), ("adaptive_sde", "adaptive"),
-                                           ("unipc", "multistep"), ("pc", "itself"), ("torchsde", "bridge"),
-                                           (3, ""), (None, "")])
-def test_pc_refuses_unknown_or_adaptive_predictors(predictor, why):
+                                           ("unipc", "multistep"), ("dpm_solver_pp_2m", "multistep"),
+                                           ("pc", "itself"), ("torchsde", "bridge")])
+def test_pc_refuses_predictors_that_cannot_predict_and_says_why(predictor, why):
     msg = rejected(ValueError, f"predictor={predictor!r}", why, solver="pc", steps=5, predictor=predictor)
-    valid = msg.split("one of")[1]
-    for name in ("euler_maruyama", "ancestral", "ddim", "euler", "heun", "rk4", "edm"):
+    valid = msg.split("one of")[1].split("]")[0]
+    for name in ("euler_maruyama", "ancestral", "ddim", "euler", "heun", "rk4", "edm", "dpm_solver_2",
+                 "dpm_solver_3"):
         assert repr(name) in valid  # the valid choices are listed ...
-    for name in ("dopri5", "rk45", "adaptive_sde", "unipc", "pc", "torchsde"):
+    for name in ("dopri5", "rk45", "adaptive_sde", "unipc", "dpm_solver_pp_2m", "pc", "torchsde"):
         assert repr(name) not in valid  # ... and only those
 
 
@@ -425,12 +410,3 @@ def test_adaptive_sde_gives_up_after_max_steps():
     assert model.calls == 6  # two per attempted step, nothing after giving up
 
 
-@pytest.mark.parametrize("option,value,allowed", [
-    ("rtol", -1e-3, ">= 0"), ("rtol", float("nan"), ">= 0"), ("rtol", float("inf"), ">= 0"),
-    ("rtol", "1e-2", ">= 0"), ("rtol", True, ">= 0"),
-    ("atol", 0.0, "> 0"), ("atol", -1.0, "> 0"), ("atol", float("nan"), "> 0"),
-    ("h_init", 0.0, "> 0"), ("h_init", float("inf"), "> 0"), ("h_init", None, "> 0"),
-    ("max_steps", 0, ">= 1"), ("max_steps", 2.5, ">= 1"), ("max_steps", True, ">= 1"), ("max_steps", "9", ">= 1"),
-])
-def test_adaptive_sde_refuses_bad_options(option, value, allowed):
-    rejected(ValueError, f"{option}={value!r}", allowed, solver="adaptive_sde", **{option: value})

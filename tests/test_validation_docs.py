@@ -58,3 +58,16 @@ def test_every_raise_has_its_row_and_every_row_its_raise():
     assert not missing, ("raises without a row in docs/validation.md (add one per raise: "
                          f"| `file:function` | argument | Error | message |): {missing}")
     assert not stale, f"rows in docs/validation.md whose raise is gone or changed type: {stale}"
+
+
+def test_the_solver_options_table_is_generated_from_the_declarations():
+    """The solver-option part of the catalogue is the declarations themselves, rendered: a changed or
+    new declaration without the regenerated table fails here."""
+    from scoresde.solvers import options_table
+
+    text = CATALOGUE.read_text()
+    begin, end = "<!-- solver options: generated, do not edit -->", "<!-- end of solver options -->"
+    assert begin in text and end in text
+    block = text.split(begin)[1].split(end)[0].strip()
+    assert block == options_table(), ("docs/validation.md's solver options table is stale; regenerate it with "
+                                      "python -c \"import scoresde.solvers as s; print(s.options_table())\"")

@@ -13,6 +13,7 @@ from ..grids import GRIDS
 from ..prediction import Denoiser, declared_sample_shape
 from ..sde import VPSDE
 from .base import SOLVERS, BrownianNoise, GaussianNoise, ModelRun, Solver, register
+from .options import catalogue_rows, validate
 from .plan import Planner, execute
 from . import ancestral, ode, reverse_sde  # noqa: F401  (each registers its solvers)
 from . import adaptive_sde, dpm, edm, pc, unipc  # noqa: F401
@@ -38,13 +39,6 @@ def _solver(name) -> Solver:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"solver={name!r} is unknown{hint}; known solvers: {', '.join(sorted(SOLVERS))}")
     return SOLVERS[name]
-
-
-def _check_options(spec: Solver, options: dict):
-    unknown = sorted(set(options) - set(spec.options))
-    if unknown:
-        allowed = ", ".join(spec.options) or "none"
-        raise TypeError(f"solver {spec.name!r} got unknown option(s) {', '.join(unknown)}; its options: {allowed}")
 
 
 def _check_t_end(sde: VPSDE, t_end):
@@ -231,7 +225,7 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
                        ("grad", grad)):
         check_flag(name, flag)
     spec = _solver(solver)
-    _check_options(spec, options)
+    options = validate(spec.name, spec.declared, spec.options, options)
     times = _time_grid(spec, sde, steps, grid, t_end, options)
     t_host = times.detach().tolist()  # sync: none, the grid lives on the CPU
     if noise is None:
@@ -278,7 +272,7 @@ def _reporter(run: ModelRun, t_host: list, callback):
 def _run_plan(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options):
     """Build the solver's plan (the final denoising step included), then execute it."""
     planner = Planner(sde, times, x, noise)
-    spec.fn(planner, **{**spec.options, **options})
+    spec.fn(planner, **options)
     if final_denoise:
         planner.denoise()
     plan = planner.finish()
@@ -289,13 +283,19 @@ def _run_plan(spec, denoiser, sde, times, x, noise, final_denoise, progress, cal
 def _run_whole(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options):
     """An adaptive solver or a bridge, which runs the whole solve itself; then the final denoising step."""
     t_host = times.detach().tolist()  # sync: none, a CPU grid
-    total = None if spec.adaptive else (len(times) - 1) * spec.calls_per_step(options) + final_denoise
+    total = None if spec.adaptive else spec.calls(len(times) - 1, options) + final_denoise
     run = ModelRun(denoiser, sde, progress=progress, total=total)
     x = spec.fn(run, x, times, noise=noise, callback=_reporter(run, t_host, callback), **options)
     if final_denoise:
         alpha, sigma = sde.alpha_sigma(times[-1].detach())
         x = run.predict(x, t_host[-1], float(alpha), float(sigma), "x0")
     return x, run
+
+
+def options_table() -> str:
+    """The Markdown table of the built-in solvers' declared options (docs/validation.md holds it)."""
+    return catalogue_rows((name, spec.declared, spec.options) for name, spec in sorted(SOLVERS.items())
+                          if spec.fn.__module__.startswith("scoresde."))
 
 
 __all__ = ["SOLVERS", "sample", "register", "Solver", "SampleInfo", "GaussianNoise", "BrownianNoise"]

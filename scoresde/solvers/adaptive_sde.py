@@ -30,23 +30,15 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 
 import torch
 
 from .._util import F64, host_floats, per_sample
 from .base import _SUM_DTYPE, BrownianNoise, register
+from .options import Integer, Number
 
 SAFETY = 0.9  # theta: aim at 90% of the step the error estimate allows (the authors' value)
 EXPONENT = 0.9  # r in h <- theta h E^-r (the authors' value; step-size theory for an order-1 pair gives 1/2)
-
-
-def _check_number(name, value, *, low, strict, allowed) -> float:
-    # Bounded by the largest float, not math.isfinite: that raises OverflowError for huge ints.
-    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and abs(value) <= sys.float_info.max
-    if not ok or value < low or (strict and value == low):
-        raise ValueError(f"{name}={value!r}: expected {allowed}")
-    return float(value)
 
 
 def _scaled_errors(x_low, x_high, x_prev, rtol, atol) -> torch.Tensor:
@@ -122,7 +114,9 @@ class _PathAhead:
         self.c, self.w = self.c[:, :keep].contiguous(), self.w[:, :keep]
 
 
-@register("adaptive_sde", grid=None, stochastic=True)
+@register("adaptive_sde", grid=None, stochastic=True, options={
+    "rtol": Number(0.0), "atol": Number(0.0, low_open=True), "h_init": Number(0.0, low_open=True),
+    "max_steps": Integer(1)})
 def adaptive_sde(model, x, times, *, noise, callback, rtol: float = 1e-2, atol: float = 1e-2,
                  h_init: float = 0.01, max_steps: int = 10000):
     """Adaptive Euler-Maruyama / improved-Euler pair on the reverse SDE with per-sample step-size control
@@ -132,11 +126,6 @@ def adaptive_sde(model, x, times, *, noise, callback, rtol: float = 1e-2, atol: 
     rejected) of any sample before giving up. Two model calls per attempt. The error estimate is a mean
     over a sample's elements, so it is steady for images and rejections are rare (1-3% of attempts on a
     two-mode mixture in 256 or 3072 dimensions) but in 2-D it swings with each draw: 30-45% there."""
-    rtol = _check_number("rtol", rtol, low=0.0, strict=False, allowed="a finite number >= 0")
-    atol = _check_number("atol", atol, low=0.0, strict=True, allowed="a finite number > 0 (the error's floor scale)")
-    h_init = _check_number("h_init", h_init, low=0.0, strict=True, allowed="a finite step in t > 0")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps={max_steps!r}: expected an int >= 1")
     model.step = None  # no grid: errors name the time only
     t_start, t_end = host_floats(times[[0, -1]])
     # The step control runs on the host, in float64: per-sample t and h (CPU tensors).

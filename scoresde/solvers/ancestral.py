@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .base import register
+from .options import Choice, Number
 
 VARIANCES = ("posterior", "beta")
 
@@ -38,25 +39,21 @@ def _posterior_plan(planner, p, c_eps, c_z):
         planner.step(i, x=keep[i], terms=[(eps, eps_coef[i])], noise=c_z[i])
 
 
-@register("ancestral", grid="log_snr", stochastic=True)
+@register("ancestral", grid="log_snr", stochastic=True, options={"variance": Choice(*VARIANCES)})
 def ancestral(planner, variance: str = "posterior"):
     """Ancestral sampling from the DDPM posterior (Ho et al. 2020) on any grid.
     variance="posterior" draws with sigma_tilde^2 (the exact posterior), "beta" with sigma_ts^2
     (Ho et al.'s other choice, sigma_t^2 = beta_t)."""
-    if not isinstance(variance, str) or variance not in VARIANCES:
-        raise ValueError(f"variance={variance!r}: expected one of {VARIANCES}")
     p = _posterior_terms(planner.sde, planner.times)
     c_eps = (p["alpha_t"] / p["alpha_s"]) * p["sigma_s"] ** 2 / p["sigma_t"]
     c_z = (p["var_tilde"] if variance == "posterior" else p["var_ts"]).sqrt()
     _posterior_plan(planner, p, c_eps, c_z)
 
 
-@register("ddim", grid="quadratic", stochastic=True)
+@register("ddim", grid="quadratic", stochastic=True, options={"eta": Number(0.0, 1.0)})
 def ddim(planner, eta: float = 0.0):
     """DDIM (Song, Meng & Ermon 2021): eta = 0 is deterministic (the PF-ODE's first-order
     exponential integrator), eta = 1 is ancestral sampling."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta={eta!r}: expected a number in [0, 1]")
     p = _posterior_terms(planner.sde, planner.times)
     c_eps = (p["sigma_s"] ** 2 - eta**2 * p["var_tilde"]).clamp(min=0).sqrt()
     _posterior_plan(planner, p, c_eps, eta * p["var_tilde"].sqrt() if eta else None)

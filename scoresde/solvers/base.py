@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -11,6 +12,7 @@ from tqdm.auto import tqdm
 from .._util import check_count, check_flag, check_number, check_shape, per_sample
 from ..grids import GRIDS
 from ..prediction import Denoiser, to_eps
+from .options import Option, check_declarations
 
 # The arguments of a whole-run solver (adaptive ones and bridges); a plan builder takes (planner, **options).
 SHARED_ARGS = ("model", "x", "times", "noise", "callback")
@@ -23,7 +25,7 @@ class Solver:
     whole-run function `fn(model, x, times, *, noise, callback, **options) -> x` (adaptive solvers, bridges).
 
     grid: the default time grid's name, or None for an adaptive solver (which takes no grid).
-    options: option name -> default value.
+    options: option name -> default value; declared: option name -> what it allows (an `Option`).
     """
 
     name: str
@@ -31,7 +33,8 @@ class Solver:
     grid: str | None
     stochastic: bool
     options: dict = field(default_factory=dict)
-    run_nfe_per_step: int | Callable | None = None  # a whole-run solver's model calls per step (or of options)
+    declared: dict = field(default_factory=dict)  # option name -> its Option (type and range)
+    run_nfe: Callable | None = None  # a whole-run solver's model calls: run_nfe(steps, options) -> int
     plans: bool = False  # fn builds a plan (rather than running the whole solve itself)
 
     @property
@@ -45,39 +48,60 @@ class Solver:
 
     def calls_per_step(self, options: dict) -> int:
         """Model calls per step with `options` (after the solver's defaults), counted from plans."""
+        small, large = (self.calls(steps, options) for steps in PROBE_STEPS)
+        return large - small
+
+    def calls(self, steps: int, options: dict) -> int:
+        """Model calls of `steps` steps with `options` (the final denoising call not included); a plan
+        builder's are counted from a plan on a probe grid."""
         if not self.plans:
-            per_step = self.run_nfe_per_step
-            return per_step({**self.options, **options}) if callable(per_step) else per_step
+            return self.run_nfe(steps, {**self.options, **options})
         from ..sde import VPSDE
         from .plan import Planner
 
-        counts = []
-        for steps in PROBE_STEPS:
-            planner = Planner(VPSDE.linear(), torch.linspace(1.0, 1e-3, steps + 1, dtype=torch.float64),
-                              torch.zeros(1, 1))
-            self.fn(planner, **{**self.options, **options})
-            counts.append(planner.finish().nfe)
-        return counts[1] - counts[0]
+        planner = Planner(VPSDE.linear(), torch.linspace(1.0, 1e-3, steps + 1, dtype=torch.float64),
+                          torch.zeros(1, 1))
+        self.fn(planner, **{**self.options, **options})
+        return planner.finish().nfe
 
 
 SOLVERS: dict[str, Solver] = {}
 """Every registered solver by name (`sd.sample(..., solver=name)`); `register` adds to it."""
 
 
-def register(name: str, *, grid: str | None = "uniform", stochastic: bool = False, nfe_per_step: int | None = None,
-             replace: bool = False):
-    """Register `fn` in SOLVERS under `name` (decorator): a plan builder fn(planner, **options), or a
-    whole-run function fn(model, x, times, *, noise, callback, **options) that makes nfe_per_step model
-    calls per step (default 1). A name already taken is refused unless replace=True, so a new solver
-    cannot silently shadow a built-in one."""
+def register(name: str, *, grid: str | None = "uniform", stochastic: bool = False,
+             options: Mapping[str, Option] | None = None, nfe_per_step: int | None = None,
+             nfe: Callable | None = None, replace: bool = False) -> Callable[[Callable], Callable]:
+    """Register `fn` in SOLVERS under `name` (decorator).
+
+    Args:
+        name: the solver's name (an identifier).
+        grid: the default grid's name, or None for an adaptive solver.
+        stochastic: whether it draws noise.
+        options: what each of fn's options allows (`scoresde.solvers.options`); every option with a
+            default in fn's signature is declared here, and `sample` checks given values against it.
+        nfe_per_step: a whole-run function's model calls per step (default 1); a plan builder's are
+            counted from its plans.
+        nfe: for a whole-run function whose count is not steps * nfe_per_step: nfe(steps, options) ->
+            its model calls (options with the defaults filled in).
+        replace: replace a solver of that name (a name already taken is refused otherwise, so a new
+            solver cannot silently shadow a built-in one).
+
+    Returns:
+        The decorator: it registers a plan builder `fn(planner, **options)` (see
+        `scoresde.solvers.plan`) or a whole-run function `fn(model, x, times, *, noise, callback,
+        **options)` that returns the samples, and gives fn back.
+    """
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"name={name!r}: expected a solver name made of letters, digits and underscores")
     if grid is not None and (not isinstance(grid, str) or grid not in GRIDS):
         raise ValueError(f"grid={grid!r}: expected one of {sorted(GRIDS)}, or None for an adaptive solver")
     check_flag("stochastic", stochastic)
     check_flag("replace", replace)
-    if nfe_per_step is not None and not callable(nfe_per_step):
+    if nfe_per_step is not None:
         check_count("nfe_per_step", nfe_per_step, maximum=None)
+    if nfe is not None and not callable(nfe):
+        raise TypeError(f"nfe={nfe!r}: expected a function nfe(steps, options) -> model calls, or None")
     if name in SOLVERS and not replace:
         raise ValueError(f"name={name!r}: a solver of that name is registered already; pass replace=True to "
                          "replace it")
@@ -92,8 +116,12 @@ def register(name: str, *, grid: str | None = "uniform", stochastic: bool = Fals
             raise TypeError(f"solver {name!r}: its signature lacks the shared argument(s) {missing}: expected a "
                             "plan builder fn(planner, **options) or fn(model, x, times, *, noise, callback, **options)")
         shared = ("planner",) if builds else SHARED_ARGS
-        options = {k: p.default for k, p in params.items() if k not in shared}
-        SOLVERS[name] = Solver(name, fn, grid, stochastic, options, None if builds else (nfe_per_step or 1), builds)
+        defaults = {k: p.default for k, p in params.items() if k not in shared}
+        declared = dict(options or {})
+        check_declarations(name, declared, defaults)
+        per_step = nfe_per_step or 1
+        run_nfe = None if builds else nfe or (lambda steps, _: steps * per_step)
+        SOLVERS[name] = Solver(name, fn, grid, stochastic, defaults, declared, run_nfe, builds)
         return fn
 
     return decorate

@@ -24,17 +24,14 @@ from __future__ import annotations
 import torch
 
 from .base import register
+from .options import Flag
 
 # lower_order_final lowers the order of the last steps only below this step count, as diffusers'
 # DPMSolverMultistepScheduler does (Lu et al.'s own code uses 10). At or above it every step keeps the
 # full order, so the option cannot bend a measured convergence order. On the sharp ring it roughly
 # halves the spread error of pp_3m and pp_2m_sde at 9 steps and changes little for pp_2m.
 LOWER_ORDER_FINAL_BELOW = 15
-
-
-def _check_bool(name, value):
-    if not isinstance(value, bool):  # a ValueError, like the other solvers' option checks
-        raise ValueError(f"{name}={value!r}: expected True or False")
+LOWER_ORDER_FINAL = {"lower_order_final": Flag()}
 
 
 def _schedule(sde, times):
@@ -201,31 +198,28 @@ def _multistep_pp(planner, max_order, lower_order_final):
     _multistep_plan(planner, max_order, lower_order_final, torch.exp(log_sigma[1:] - log_sigma[:-1]), weights)
 
 
-@register("dpm_solver_pp_2m", grid="log_snr")
+@register("dpm_solver_pp_2m", grid="log_snr", options=LOWER_ORDER_FINAL)
 def dpm_solver_pp_2m(planner, lower_order_final: bool = True):
     """Multistep DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2) in data prediction; the first step
     is first order, and with lower_order_final the last one too when steps < 15."""
-    _check_bool("lower_order_final", lower_order_final)
     _multistep_pp(planner, 2, lower_order_final)
 
 
-@register("dpm_solver_pp_3m", grid="log_snr")
+@register("dpm_solver_pp_3m", grid="log_snr", options=LOWER_ORDER_FINAL)
 def dpm_solver_pp_3m(planner, lower_order_final: bool = True):
     """Multistep DPM-Solver++(3M) (Lu et al. 2022b) in data prediction; the first two steps are of
     order 1 and 2, and with lower_order_final the last two too when steps < 15. Its D2 term is twice
     that of the reference implementations, which makes it third order (see _multistep_weights)."""
-    _check_bool("lower_order_final", lower_order_final)
     _multistep_pp(planner, 3, lower_order_final)
 
 
-@register("dpm_solver_pp_2m_sde", grid="log_snr", stochastic=True)
+@register("dpm_solver_pp_2m_sde", grid="log_snr", stochastic=True, options=LOWER_ORDER_FINAL)
 def dpm_solver_pp_2m_sde(planner, lower_order_final: bool = True):
     """Multistep SDE-DPM-Solver++(2M) (Lu et al. 2022b; diffusers' "sde-dpmsolver++", midpoint form)
     on the reverse SDE: with c = alpha_s (1 - e^-2h),
     x_s = (sigma_s/sigma_t) e^-h x_t + c (x0_i + D1/2) + sigma_s sqrt(1 - e^-2h) z,
     D1 = (x0_i - x0_{i-1}) / r0. First order (D1 = 0) it is ancestral sampling; the first step is,
     and with lower_order_final the last one too when steps < 15."""
-    _check_bool("lower_order_final", lower_order_final)
     _, log_alpha, log_sigma, h = _schedule(planner.sde, planner.times)
     c = -torch.exp(log_alpha[1:]) * torch.expm1(-2 * h)
     half_over_r0 = 0.5 * h / torch.cat([h[:1], h[:-1]])  # 1/(2 r0), r0 = h_{i-1}/h_i (a placeholder at i = 0)

@@ -12,25 +12,13 @@ options, so every coefficient (the off-grid time t(s_hat) included) is fixed bef
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 
 from .base import register
+from .options import Number
 
 GAMMA_MAX = math.sqrt(2.0) - 1.0  # Karras et al.: churn at most doubles the variance
-
-
-def _check_options(s_churn, s_tmin, s_tmax, s_noise) -> tuple[float, ...]:
-    """The options as floats, after checking them (s_tmax alone may be inf)."""
-    for name, value in (("s_churn", s_churn), ("s_tmin", s_tmin), ("s_tmax", s_tmax), ("s_noise", s_noise)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:  # NaN fails >=
-            raise ValueError(f"{name}={value!r}: expected a number >= 0")
-        if name != "s_tmax" and not value <= sys.float_info.max:  # not math.isinf: huge ints overflow it
-            raise ValueError(f"{name}={value!r}: expected a finite number >= 0")
-    if s_tmin > s_tmax:
-        raise ValueError(f"s_tmin={s_tmin!r} > s_tmax={s_tmax!r}: churn acts where s_tmin <= sigma/alpha <= s_tmax")
-    return tuple(float(v) if v <= sys.float_info.max else math.inf for v in (s_churn, s_tmin, s_tmax, s_noise))
 
 
 def _churn(sde, times, s_churn, s_tmin, s_tmax, s_noise):
@@ -56,7 +44,8 @@ def _churn(sde, times, s_churn, s_tmin, s_tmax, s_noise):
     return mask.tolist(), t_hat, lam_hat, noise_scale  # sync: none, CPU
 
 
-@register("edm", grid="karras", stochastic=True)
+@register("edm", grid="karras", stochastic=True, options={
+    "s_churn": Number(0.0), "s_tmin": Number(0.0), "s_tmax": Number(0.0, finite=False), "s_noise": Number(0.0)})
 def edm(planner, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf, s_noise: float = 1.0):
     """Karras et al. 2022's stochastic sampler (Algorithm 2): churn noise in, then a Heun step, in
     (x/alpha, sigma/alpha). s_churn = 0 (the default) is deterministic Heun; noise is added where
@@ -67,7 +56,8 @@ def edm(planner, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math
     the step ends at y_{i+1} = u y_hat - (h/(2 s_hat)) (1 + h/s_{i+1}) D0 - (h/(2 s_{i+1})) D1, the
     trapezoid y_hat + (h/2) (d0 + d1) with the slopes d = (y - D)/s written out.
     """
-    s_churn, s_tmin, s_tmax, s_noise = _check_options(s_churn, s_tmin, s_tmax, s_noise)
+    if s_tmin > s_tmax:
+        raise ValueError(f"s_tmin={s_tmin!r} > s_tmax={s_tmax!r}: churn acts where s_tmin <= sigma/alpha <= s_tmax")
     sde, times = planner.sde, planner.times
     churned, t_hat, lam_hat, noise_scale = _churn(sde, times, s_churn, s_tmin, s_tmax, s_noise)
     alpha, sigma = sde.alpha_sigma(times)

@@ -15,6 +15,7 @@ import torch
 
 from .._util import F64, check_number, host_floats
 from .base import register
+from .options import Choice, Number
 from .plan import runge_kutta
 
 # Butcher tableaus (a: rows of the strictly lower triangle, b: weights, c: nodes).
@@ -67,21 +68,21 @@ TORCHDIFFEQ_ADAPTIVE = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun
 MIN_TOLERANCE = 1e-14  # beneath float64 resolution no step controller can meet a tolerance (scipy's floor too)
 
 
+TOLERANCE = Number(MIN_TOLERANCE)  # an adaptive ODE solver's rtol and atol
+
+
 def check_tolerances(rtol, atol) -> tuple[float, float]:
     """An adaptive ODE solver's error tolerances: finite numbers >= MIN_TOLERANCE."""
-    return (check_number("rtol", rtol, low=MIN_TOLERANCE), check_number("atol", atol, low=MIN_TOLERANCE))
+    return TOLERANCE.check("rtol", rtol), TOLERANCE.check("atol", atol)
 
 
-@register("dopri5", grid=None)
+@register("dopri5", grid=None, options={"rtol": TOLERANCE, "atol": TOLERANCE,
+                                        "method": Choice(*TORCHDIFFEQ_ADAPTIVE)})
 def dopri5(model, x, times, *, noise, callback, rtol: float = 1e-5, atol: float = 1e-5,
            method: str = "dopri5"):
     """Adaptive Runge-Kutta through torchdiffeq (any of its adaptive methods by `method`)."""
     from torchdiffeq import odeint
 
-    if not isinstance(method, str) or method not in TORCHDIFFEQ_ADAPTIVE:
-        raise ValueError(f"method={method!r}: expected one of torchdiffeq's adaptive methods "
-                         f"{TORCHDIFFEQ_ADAPTIVE}; for fixed steps use solver='euler', 'heun' or 'rk4'")
-    rtol, atol = check_tolerances(rtol, atol)
     if x.dtype == torch.float16:  # torchdiffeq's step-size selection overflows float16 (t becomes NaN)
         raise ValueError("dtype=torch.float16: solver 'dopri5' (torchdiffeq) cannot control its steps in float16; "
                          "use float32 or bfloat16, or a fixed-step solver")
@@ -98,16 +99,13 @@ def dopri5(model, x, times, *, noise, callback, rtol: float = 1e-5, atol: float 
 SCIPY_METHODS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")
 
 
-@register("rk45", grid=None)
+@register("rk45", grid=None, options={"rtol": TOLERANCE, "atol": TOLERANCE, "method": Choice(*SCIPY_METHODS)})
 def rk45(model, x, times, *, noise, callback, rtol: float = 1e-5, atol: float = 1e-5, method: str = "RK45"):
     """Adaptive integration through scipy.integrate.solve_ivp in float64 (Song et al.'s black-box
     sampler); `method` is any of solve_ivp's."""
     import numpy as np
     from scipy.integrate import solve_ivp
 
-    if not isinstance(method, str) or method not in SCIPY_METHODS:
-        raise ValueError(f"method={method!r}: expected one of solve_ivp's methods {SCIPY_METHODS}")
-    rtol, atol = check_tolerances(rtol, atol)
     if torch.is_grad_enabled():
         raise ValueError("grad=True: solver 'rk45' integrates in numpy (scipy), through which no gradient flows; "
                          "use solver='dopri5' or a fixed-step solver")

@@ -33,13 +33,16 @@ Two step-size rules (`step_size`):
 """
 from __future__ import annotations
 
-import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
 from .._util import MAX_STEPS
 from ..sde import VPSDE
 from .base import _SUM_DTYPE, SOLVERS, BrownianNoise, register
+from .options import Choice, Integer, Number, Option, Table, _wrong_type, _wrong_value, validate
 from .plan import Planner
 
 STEP_SIZES = ("schedule", "batch")
@@ -84,20 +87,26 @@ def _predictors() -> list[str]:
     return sorted(name for name in SOLVERS if _why_not(name) is None)
 
 
-def _check_options(predictor, snr, n_corrector, step_size, predictor_options, noise):
-    why = _why_not(predictor)
-    if why is not None:
-        raise ValueError(f"predictor={predictor!r}{why}; expected a one-step solver, one of {_predictors()}")
-    if not isinstance(predictor_options, dict) or not all(isinstance(k, str) for k in predictor_options):
-        raise ValueError(f"predictor_options={predictor_options!r}: expected a dict of the predictor's options")
-    # Bounded by the largest float, not math.isfinite: that raises OverflowError for huge ints.
-    if isinstance(snr, bool) or not isinstance(snr, (int, float)) or not (0.0 < snr <= sys.float_info.max):
-        raise ValueError(f"snr={snr!r}: expected a finite number > 0 (score_sde uses 0.16)")
-    if isinstance(n_corrector, bool) or not isinstance(n_corrector, int) or not 0 <= n_corrector <= MAX_STEPS:
-        raise ValueError(f"n_corrector={n_corrector!r}: expected an int >= 0 and <= {MAX_STEPS} (Langevin steps "
-                         f"after each predictor step)")
-    if not isinstance(step_size, str) or step_size not in STEP_SIZES:
-        raise ValueError(f"step_size={step_size!r}: expected one of {STEP_SIZES}")
+@dataclass(frozen=True)
+class OneStepSolver(Option):
+    """The name of a registered solver whose plan takes one step at a time (checked when used)."""
+
+    def describe(self) -> str:
+        """What this option allows: a one-step solver's name, the current ones listed.
+
+        Returns:
+            The description.
+        """
+        return f"the name of a one-step solver, one of {_predictors()}"
+
+    def _parse(self, value: object) -> object:
+        if not isinstance(value, str):
+            return _wrong_type()
+        why = _why_not(value)
+        return value if why is None else _wrong_value(f" ({value!r}{why})")
+
+
+def _check_noise(n_corrector, noise):
     if n_corrector and isinstance(noise, BrownianNoise):
         raise ValueError("noise: the Langevin corrector needs draws independent of the Brownian path, and "
                          "BrownianNoise gives increments of one path; use generator= (or n_corrector=0)")
@@ -132,19 +141,20 @@ def _copy_step(planner: Planner, step, refs: dict, report: bool):
                  t0=step.t0, t1=step.t1, report=report)
 
 
-@register("pc", grid="log_snr", stochastic=True)
+@register("pc", grid="log_snr", stochastic=True, options={
+    "predictor": OneStepSolver(), "snr": Number(0.0, low_open=True), "n_corrector": Integer(0, MAX_STEPS),
+    "step_size": Choice(*STEP_SIZES), "predictor_options": Table()})
 def pc(planner, predictor: str = "euler_maruyama", snr: float = 0.16, n_corrector: int = 1,
-       step_size: str = "schedule", predictor_options: dict | None = None):
+       step_size: str = "schedule", predictor_options: Mapping = MappingProxyType({})):
     """Predictor-corrector sampling (Song et al. 2021): a registered one-step predictor (with its
     `predictor_options`), then `n_corrector` Langevin steps of signal-to-noise ratio `snr` at each new
     time. step_size: "schedule" (the step Song et al.'s rule takes for ||eps|| ~ sqrt(d); samples
     independent of their batch) or "batch" (score_sde's batch-mean norms); see the module notes.
     Model calls per step: the predictor's (1 for the default "euler_maruyama") plus n_corrector."""
-    predictor_options = {} if predictor_options is None else predictor_options
-    _check_options(predictor, snr, n_corrector, step_size, predictor_options, planner.noise)
+    _check_noise(n_corrector, planner.noise)
     spec = SOLVERS[predictor]
     inner = planner.sibling()
-    spec.fn(inner, **{**spec.options, **predictor_options})
+    spec.fn(inner, **validate(predictor, spec.declared, spec.options, predictor_options))
     sde, times = planner.sde, planner.times
     alpha, sigma = sde.alpha_sigma(times)
     # e = 2 a (snr sigma)^2 r^2 with r = 1 ("schedule") or r = (mean ||z||) / (mean ||eps||) ("batch"),

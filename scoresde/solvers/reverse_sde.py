@@ -9,6 +9,7 @@ import torchsde
 
 from .._util import F64, host_floats
 from .base import BrownianNoise, register
+from .options import Choice
 
 
 @register("euler_maruyama", grid="log_snr", stochastic=True)
@@ -28,6 +29,14 @@ def euler_maruyama(planner):
 
 
 TORCHSDE_METHODS = ("euler", "milstein", "srk", "midpoint", "heun")
+# Model calls of each method: (per step, less on the first step). Counted, not derived from torchsde's
+# internals; tests/test_solvers.py checks them against the calls a run makes.
+TORCHSDE_CALLS = {"euler": (1, 0), "milstein": (1, 0), "srk": (10, 3), "midpoint": (2, 0), "heun": (2, 0)}
+
+
+def _torchsde_calls(steps: int, options: dict) -> int:
+    per_step, first_saves = TORCHSDE_CALLS[options["method"]]
+    return per_step * steps - first_saves
 STRATONOVICH_ONLY = ("midpoint", "heun")
 
 
@@ -139,13 +148,12 @@ class _ReverseSDE(torch.nn.Module):
         return torch.full_like(y, beta**0.5)
 
 
-@register("torchsde", grid="uniform", stochastic=True)
+@register("torchsde", grid="uniform", stochastic=True, options={"method": Choice(*TORCHSDE_METHODS)},
+          nfe=_torchsde_calls)
 def torchsde_solver(model, x, times, *, noise, callback, method: str = "euler"):
     """Any torchsde method on the reverse SDE with a uniform step dt = (T - t_end)/steps, its Brownian
     increments drawn step by step from the generator (the same seed gives the same samples; with one
     generator per sample, a sample does not depend on its batch), or taken from a BrownianNoise path."""
-    if not isinstance(method, str) or method not in TORCHSDE_METHODS:
-        raise ValueError(f"method={method!r}: expected one of {TORCHSDE_METHODS}")
     on_path = isinstance(noise, BrownianNoise)
     if on_path and method == "srk" and noise.path.levy_area_approximation != "space-time":
         raise ValueError("noise: method='srk' needs the path's space-time Levy area: "

@@ -24,8 +24,8 @@ import math
 import torch
 
 from .base import register
+from .options import Choice, Flag, Integer
 
-ORDERS = (1, 2, 3)
 VARIANTS = ("bh1", "bh2")
 LOWER_ORDER_FINAL_BELOW = 15  # lower_order_final acts on grids of fewer steps (as DPM-Solver's does)
 
@@ -108,19 +108,13 @@ def _expand(on_m_i, scale, rho, r, k) -> list:
 # Default grid: equal steps in lambda, the integrator's own variable. Worst spread error on the sharp
 # ring (GaussianMixture.ring2d) at 10/15/20/30/50 model calls: log_snr 0.21/0.05/0.11/0.07/0.05,
 # quadratic 0.34/0.20/0.06/0.05/0.03, karras 0.56/0.33/0.04/0.08/0.06 (20,000 samples).
-@register("unipc", grid="log_snr")
+@register("unipc", grid="log_snr", options={"order": Integer(1, 3), "variant": Choice(*VARIANTS),
+                                            "lower_order_final": Flag(), "corrector": Flag()})
 def unipc(planner, order: int = 2, variant: str = "bh2", lower_order_final: bool = True, corrector: bool = True):
     """UniPC (Zhao et al. 2023) in data prediction: predictor UniP-`order`, corrector UniC after every
     step but the last (one model call per step; order + 1 overall). variant: B(h) = e^h - 1 ("bh2",
     diffusers' default) or h ("bh1"). lower_order_final: on grids of fewer than 15 steps, drop to
     order 1 and 2 at the last steps (stabler at very few steps). corrector=False leaves UniP alone."""
-    if isinstance(order, bool) or not isinstance(order, int) or order not in ORDERS:
-        raise ValueError(f"order={order!r}: expected an int in 1..3 (the predictor's order)")
-    if not isinstance(variant, str) or variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r}: expected one of {VARIANTS}")
-    for name, value in (("lower_order_final", lower_order_final), ("corrector", corrector)):
-        if not isinstance(value, bool):
-            raise ValueError(f"{name}={value!r}: expected True or False")
     sde, times = planner.sde, planner.times
     keep, pred, diff, w_new = _weights(sde, times, order, variant)
     keep = planner.values(keep)

@@ -150,13 +150,14 @@ def make_sde(kind: str):
     return sd.VPSDE.linear()
 
 
-def scoresde_case(sde, name, x, steps, setting, bridge) -> Case:
+def scoresde_case(sde, name, x, steps, setting, bridge, compiled=False) -> Case:
     def loop():
-        return sd.sample(trivial_model, sde, x_T=x, solver=name, steps=steps, final_denoise=False)
+        return sd.sample(trivial_model, sde, x_T=x, solver=name, steps=steps, final_denoise=False, compile=compiled)
 
     _, info = sd.sample(trivial_model, sde, x_T=x, solver=name, steps=steps, final_denoise=False,
-                        return_info=True)
-    return Case(setting, "scoresde", name, loop, _bare_calls(trivial_model, x, info.nfe), steps, info.nfe, bridge)
+                        return_info=True, compile=compiled)
+    label = f"{name} (compiled)" if compiled else name
+    return Case(setting, "scoresde", label, loop, _bare_calls(trivial_model, x, info.nfe), steps, info.nfe, bridge)
 
 
 def diffusers_case(diffusers, cls_name, x, steps, setting) -> Case:
@@ -246,6 +247,9 @@ def main(argv=None):
                    help="scoresde's schedule: 'ddpm' = diffusers' default betas as a VPSDE, 'linear' = Song et al.'s")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: every usable core; "
                    "1 on a shared machine, where multi-threaded kernels stall)")
+    p.add_argument("--compiled", default="ddim,unipc",
+                   help="solvers also timed with sample(..., compile=True) ('' for none; each compiles once, "
+                   "tens of seconds on a CPU)")
     p.add_argument("--out", default="results/overhead")
     args = p.parse_args(argv)
 
@@ -270,6 +274,7 @@ def main(argv=None):
     for shape in parse_shapes(args.shapes):
         setting = "x".join(str(n) for n in (args.batch,) + shape)
         plan += [("scoresde", name, bridge, setting, shape) for name, bridge in solvers]
+        plan += [("compiled", name, False, setting, shape) for name in args.compiled.split(",") if name]
         if diffusers is not None:
             plan += [("diffusers", cls_name, False, setting, shape) for cls_name in DIFFUSERS_LOOPS]
 
@@ -281,8 +286,8 @@ def main(argv=None):
         for library, name, bridge, setting, shape in plan:  # build and warm up each case
             bar.set_postfix_str(f"warm-up {setting} {name}")
             x = torch.randn((args.batch,) + shape)
-            if library == "scoresde":
-                case = scoresde_case(sde, name, x, args.steps, setting, bridge)
+            if library in ("scoresde", "compiled"):
+                case = scoresde_case(sde, name, x, args.steps, setting, bridge, compiled=library == "compiled")
             else:
                 case = diffusers_case(diffusers, name, x, args.steps, setting)
             case.warm_up(args.min_time)

@@ -146,6 +146,10 @@ class Denoiser:
 
     def _raw(self, x, t):
         check_batch_time(t, check_tensor("x", x))
+        return self._net(x, t)
+
+    def _net(self, x, t):
+        """The network's output at (x, t), unchecked: for callers that formed x and t themselves."""
         out = self.net(x, self._net_time(t, x))
         if not isinstance(out, torch.Tensor):
             out = getattr(out, "sample", out)  # diffusers returns a UNet2DOutput

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ from ..prediction import Denoiser, declared_sample_shape
 from ..sde import VPSDE
 from .base import SOLVERS, BrownianNoise, GaussianNoise, ModelRun, Solver, register
 from .options import catalogue_rows, validate
-from .plan import Planner, execute
+from .plan import Plan, Planner, execute, execute_compiled
 from . import ancestral, ode, reverse_sde  # noqa: F401  (each registers its solvers)
 from . import adaptive_sde, dpm, edm, pc, unipc  # noqa: F401
 
@@ -177,7 +178,7 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
            generator: torch.Generator | Sequence[torch.Generator] | None = None, noise: Callable | None = None,
            dtype: torch.dtype | None = None, device: str | torch.device | None = None,
            callback: Callable | None = None, progress: bool = False, return_info: bool = False,
-           grad: bool = False, **options: object) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
+           grad: bool = False, compile: bool = False, **options: object) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
     """Draw samples by running `solver` from the prior at T down to `t_end`.
 
     The whole input is checked before the first model call (see the validation catalogue).
@@ -205,6 +206,10 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         return_info: also return a `SampleInfo` (NFE, solver, grid).
         grad: record the run for autograd, so that gradients reach x_T, the model's parameters or
             the grid (memory grows with the steps). By default sampling runs under torch.no_grad().
+        compile: run the fixed-step loop under torch.compile (CPU: inductor; CUDA: CUDA graphs,
+            mode="reduce-overhead"). The first run of a plan compiles it (seconds to minutes); runs
+            with the same solver, grid, options and sample shape reuse it. The noise is drawn before
+            the loop; no callback, and the progress bar does not move inside the compiled loop.
         **options: the solver's own options (see its entry in `SOLVERS`).
 
     Returns:
@@ -222,9 +227,15 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
     if callback is not None and not callable(callback):
         raise TypeError(f"callback={callback!r}: expected a callable callback(i, t, x) or None")
     for name, flag in (("final_denoise", final_denoise), ("progress", progress), ("return_info", return_info),
-                       ("grad", grad)):
+                       ("grad", grad), ("compile", compile)):
         check_flag(name, flag)
     spec = _solver(solver)
+    if compile and not spec.plans:
+        raise ValueError(f"compile=True: solver {spec.name!r} runs its own loop (an adaptive solver or a bridge); "
+                         "compile applies to the fixed-step solvers' plans")
+    if compile and callback is not None:
+        raise ValueError("callback: compile=True runs the whole loop as one compiled graph, which a callback "
+                         "would break; drop the callback or compile")
     options = validate(spec.name, spec.declared, spec.options, options)
     times = _time_grid(spec, sde, steps, grid, t_end, options)
     t_host = times.detach().tolist()  # sync: none, the grid lives on the CPU
@@ -250,7 +261,8 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sde)
     with torch.set_grad_enabled(grad):
         if spec.plans:
-            x, run = _run_plan(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options)
+            x, run = _run_plan(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, compile,
+                               options)
         else:
             x, run = _run_whole(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options)
     run.check_finite()
@@ -269,15 +281,47 @@ def _reporter(run: ModelRun, t_host: list, callback):
     return on_step
 
 
-def _run_plan(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options):
-    """Build the solver's plan (the final denoising step included), then execute it."""
+# Plans built without gradients, by what they depend on, most recent last: a run that repeats another's
+# solver, grid and options (the chunks of sample_to_disk, a benchmark's rounds) reuses its plan.
+_PLANS: OrderedDict = OrderedDict()
+PLAN_CACHE_SIZE = 32
+PLAN_CACHE_MAX_STEPS = 10_000  # longer plans are rebuilt each time rather than kept
+
+
+def _frozen(value):
+    """An option's value as a hashable key (pc's predictor_options is a mapping)."""
+    return tuple(sorted((k, _frozen(v)) for k, v in value.items())) if isinstance(value, Mapping) else value
+
+
+def _plan(spec, sde, times, x, noise, final_denoise, options) -> tuple[Plan, list]:
+    """The solver's plan (the final denoising step included) and the grid as host floats."""
     planner = Planner(sde, times, x, noise)
+    key = None
+    if not planner.differentiable and planner.steps <= PLAN_CACHE_MAX_STEPS:
+        key = (spec.fn, sde, tuple(planner.t_host), final_denoise, x.dtype, x.device, type(noise),
+               tuple((name, _frozen(value)) for name, value in options.items()))
+        if key in _PLANS:
+            _PLANS.move_to_end(key)
+            return _PLANS[key], planner.t_host
     spec.fn(planner, **options)
     if final_denoise:
         planner.denoise()
     plan = planner.finish()
+    if key is not None:
+        _PLANS[key] = plan
+        if len(_PLANS) > PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    return plan, planner.t_host
+
+
+def _run_plan(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, compile, options):
+    """Build (or reuse) the solver's plan, then execute it (compiled or not)."""
+    plan, t_host = _plan(spec, sde, times, x, noise, final_denoise, options)
+    if compile:
+        run = ModelRun(denoiser, sde)
+        return execute_compiled(plan, run, x, noise), run
     run = ModelRun(denoiser, sde, progress=progress, total=plan.nfe)
-    return execute(plan, run, x, noise, _reporter(run, planner.t_host, callback)), run
+    return execute(plan, run, x, noise, _reporter(run, t_host, callback)), run
 
 
 def _run_whole(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options):

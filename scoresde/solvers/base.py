@@ -191,17 +191,8 @@ class ModelRun:
     def predict(self, x: torch.Tensor, t, alpha, sigma, kind: str) -> torch.Tensor:
         """The model's prediction of `kind` ("eps" or "x0") at (x, t), converted at most once with the
         alpha and sigma the caller holds (floats, or 0-d tensors of a differentiable plan)."""
-        have = self.denoiser.prediction
-        if have == kind:
-            return self._checked(self.denoiser._raw(x, t), x, t)
-        eps = self(x, t) if have == "eps" else to_eps(have, self._checked(self.denoiser._raw(x, t), x, t), x,
-                                                         alpha, sigma)
-        if kind == "eps":
-            return eps
-        # x0 = (x - sigma eps) / alpha: one fused multiply-add, then the division
-        if isinstance(sigma, float):
-            return torch.add(x, eps, alpha=-sigma).div_(alpha)
-        return torch.addcmul(x, eps, sigma, value=-1.0).div_(alpha)
+        out = self._checked(self.denoiser._net(x, t), x, t)  # x and t come from the plan: no checks
+        return convert(out, self.denoiser.prediction, kind, x, alpha, sigma)
 
     def check_last(self):
         """Raise now if the latest model output held NaN or inf: for adaptive solvers and bridges,
@@ -227,6 +218,20 @@ class ModelRun:
             call = int((~finite).nonzero()[0])
             _, step, t = self._calls[call]
             raise FloatingPointError(f"the model returned NaN or inf at model call {call + 1} ({_where(step, t)})")
+
+
+def convert(out: torch.Tensor, have: str, kind: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """A network's output of kind `have` at (x, t) as the prediction `kind` ("eps" or "x0"), converted
+    at most once with the alpha and sigma the plan holds (floats, or 0-d tensors)."""
+    if have == kind:
+        return out
+    eps = out if have == "eps" else to_eps(have, out, x, alpha, sigma)
+    if kind == "eps":
+        return eps
+    # x0 = (x - sigma eps) / alpha: one fused multiply-add, then the division
+    if isinstance(sigma, float):
+        return torch.add(x, eps, alpha=-sigma).div_(alpha)
+    return torch.addcmul(x, eps, sigma, value=-1.0).div_(alpha)
 
 
 class GaussianNoise:

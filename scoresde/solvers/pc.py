@@ -134,8 +134,9 @@ def _copy_step(planner: Planner, step, refs: dict, report: bool):
     for stage in step.stages:
         at = stage.at
         terms = [(refs[ref], c) for ref, c in at.terms]
-        refs[len(refs)] = planner.stage(stage.t, stage.alpha, stage.sigma, stage.kind, x=at.x, terms=terms,
-                                        noise=at.noise)
+        refs[len(refs)] = (planner.point(x=at.x, terms=terms, noise=at.noise) if stage.kind is None else
+                           planner.stage(stage.t, stage.alpha, stage.sigma, stage.kind, x=at.x, terms=terms,
+                                         noise=at.noise))
     update = step.update
     planner.step(step.index, x=update.x, terms=[(refs[ref], c) for ref, c in update.terms], noise=update.noise,
                  t0=step.t0, t1=step.t1, report=report)

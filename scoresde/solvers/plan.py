@@ -29,16 +29,32 @@ Coef = float | torch.Tensor  # a host float, or a 0-d tensor on the samples' dev
 KINDS = ("eps", "x0")
 
 
-@dataclass(frozen=True)
 class Combo:
-    """c_x x + sum c_j out[ref_j] + c_z z, with refs indexing the run's model outputs."""
+    """c_x x + sum c_j out[ref_j] + c_z z, with refs indexing the run's model outputs. Zero terms
+    (float zeros) are dropped; what the executor needs to know is worked out once, here."""
 
-    x: Coef = 1.0
-    terms: tuple[tuple[int, Coef], ...] = ()
-    noise: Coef | None = None
+    __slots__ = ("x", "terms", "noise", "start", "parts", "floats")
+
+    def __init__(self, x: Coef = 1.0, terms=(), noise: Coef | None = None):
+        floats = type(x) is float
+        kept = []
+        for ref, c in terms:
+            if type(c) is not float:
+                floats = False
+            elif c == 0.0:
+                continue
+            kept.append((ref, c))
+        self.x, self.terms = x, tuple(kept)
+        self.noise = None if _is_zero(noise) else noise
+        if self.noise is not None:
+            floats = floats and type(noise) is float
+            kept.append((None, noise))  # None: the step's draw z
+        self.parts, self.floats = tuple(kept), floats
+        # how the state enters: 0 not at all, 1 as it is, 2 scaled
+        self.start = (0 if x == 0.0 else 1 if x == 1.0 else 2) if type(x) is float else 2
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Custom:
     """A step's update that no fixed linear combination says (pc's batch-norm step size):
     fn(x, outputs, z) -> the new state. terms: the outputs it reads, as (ref, unused) pairs."""
@@ -47,18 +63,19 @@ class Custom:
     terms: tuple[tuple[int, Coef], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Stage:
-    """One model call: at the point `at`, time t (with its alpha and sigma), wanting prediction `kind`."""
+    """One model call: at the point `at`, time t (with its alpha and sigma), wanting prediction `kind`;
+    kind None: no call, the point itself is kept (for a later combination to read, see `Planner.point`)."""
 
     t: Coef
     alpha: Coef
     sigma: Coef
-    kind: str
+    kind: str | None
     at: Combo
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Step:
     """Stages, then the new state `update`. index: the grid step it belongs to (messages and the
     callback); t0, t1: the span its noise draw stands for; report: call the callback after it."""
@@ -81,7 +98,7 @@ class Plan:
 
     @property
     def nfe(self) -> int:
-        return sum(len(step.stages) for step in self.steps)
+        return sum(stage.kind is not None for step in self.steps for stage in step.stages)
 
 
 def _is_zero(c) -> bool:
@@ -120,7 +137,14 @@ class Planner:
     def stage(self, t: Coef, alpha: Coef, sigma: Coef, kind: str = "eps", x: Coef = 1.0, terms=(),
               noise: Coef | None = None) -> int:
         """Evaluate the model at x * x + sum terms (+ noise * z); returns the output's ref."""
-        self._stages.append(Stage(t, alpha, sigma, kind, _combo(x, terms, noise)))
+        self._stages.append(Stage(t, alpha, sigma, kind, Combo(x, terms, noise)))
+        self._outputs += 1
+        return self._outputs - 1
+
+    def point(self, x: Coef = 1.0, terms=(), noise: Coef | None = None) -> int:
+        """Keep the point x * x + sum terms (+ noise * z) without calling the model; returns its ref, so that
+        a stage can be evaluated there and the step's update can start from it (one pass fewer)."""
+        self._stages.append(Stage(0.0, 1.0, 1.0, None, Combo(x, terms, noise)))
         self._outputs += 1
         return self._outputs - 1
 
@@ -128,7 +152,7 @@ class Planner:
              t1: float | None = None, report: bool = True, custom: Callable | None = None):
         """End grid step i (or a sub-step of it, report=False) with the state x * x + sum terms (+ noise * z),
         or custom(x, outputs, z) reading the outputs in terms (then `noise` only says whether it draws)."""
-        update = _combo(x, terms, noise) if custom is None else Custom(custom, tuple(terms))
+        update = Combo(x, terms, noise) if custom is None else Custom(custom, tuple(terms))
         stages, self._stages = tuple(self._stages), []
         draws = not _is_zero(noise) or any(not _is_zero(s.at.noise) for s in stages)
         t0 = self.t_host[i] if t0 is None else t0
@@ -150,42 +174,26 @@ class Planner:
             for combo in [s.at for s in step.stages] + [step.update]:
                 for ref, _ in combo.terms:
                     last_read[ref] = k
-        released: dict[int, list[int]] = {}
         for ref, k in last_read.items():
-            released.setdefault(k, []).append(ref)
-        self.plan.steps = [Step(**{**s.__dict__, "release": tuple(released.get(k, ()))})
-                           for k, s in enumerate(self.plan.steps)]
+            self.plan.steps[k].release += (ref,)
         return self.plan
 
 
-def _combo(x, terms, noise) -> Combo:
-    terms = tuple((ref, c) for ref, c in terms if not _is_zero(c))
-    return Combo(x, terms, None if _is_zero(noise) else noise)
-
-
 # ---- the executor ---------------------------------------------------------------------------------------
-def _axpy(acc: torch.Tensor, y: torch.Tensor, c: Coef, fresh: bool) -> torch.Tensor:
-    """acc + c y: in place when acc is a tensor of our own (fresh), else out of place."""
-    if isinstance(c, float):
-        return acc.add_(y, alpha=c) if fresh else torch.add(acc, y, alpha=c)
-    return acc.addcmul_(y, c) if fresh else torch.addcmul(acc, y, c)
-
-
 def combine(x: torch.Tensor, combo: Combo, outputs: list, z: torch.Tensor | None) -> torch.Tensor:
-    """The point c_x x + sum c_j out_j + c_z z, in as few passes over the state as it takes."""
-    c_x = combo.x
-    if isinstance(c_x, float) and c_x in (0.0, 1.0):
-        acc, fresh = (None if c_x == 0.0 else x), False
-    else:
-        acc, fresh = x * c_x, True
-    for ref, c in combo.terms:
-        y = outputs[ref]
+    """The point c_x x + sum c_j out_j + c_z z, in as few passes over the state as it takes: one
+    multiply-add per term, in place on a tensor of our own."""
+    start = combo.start
+    acc, fresh = (x, False) if start == 1 else (x * combo.x, True) if start == 2 else (None, False)
+    floats = combo.floats
+    for ref, c in combo.parts:
+        y = z if ref is None else outputs[ref]
         if acc is None:  # the state does not enter (a final denoising step)
-            acc, fresh = (y, False) if isinstance(c, float) and c == 1.0 else (y * c, True)
+            acc, fresh = (y, False) if floats and c == 1.0 else (y * c, True)
+        elif fresh:  # floats: host scalars; else a differentiable plan's 0-d tensors
+            acc = acc.add_(y, alpha=c) if floats else acc.addcmul_(y, c)
         else:
-            acc, fresh = _axpy(acc, y, c, fresh), True
-    if combo.noise is not None:
-        acc = _axpy(acc, z, combo.noise, fresh)
+            acc, fresh = torch.add(acc, y, alpha=c) if floats else torch.addcmul(acc, y, c), True
     return acc
 
 
@@ -197,14 +205,48 @@ def execute(plan: Plan, model, x: torch.Tensor, noise, callback) -> torch.Tensor
         z = noise(x, step.t0, step.t1) if step.draws else None
         for stage in step.stages:
             u = combine(x, stage.at, outputs, z)
-            outputs.append(model.predict(u, stage.t, stage.alpha, stage.sigma, stage.kind))
+            outputs.append(u if stage.kind is None else model.predict(u, stage.t, stage.alpha, stage.sigma, stage.kind))
         update = step.update
-        x = combine(x, update, outputs, z) if isinstance(update, Combo) else update.fn(x, outputs, z)
+        x = update.fn(x, outputs, z) if type(update) is Custom else combine(x, update, outputs, z)
         for ref in step.release:
             outputs[ref] = None
         if step.report:
             callback(step.index, x)
     return x
+
+
+class _Drawn:
+    """The noise of a compiled run, drawn before it (in the order the eager loop draws it)."""
+
+    def __init__(self, plan: Plan, noise, x: torch.Tensor):
+        self.draws = [noise(x, step.t0, step.t1) for step in plan.steps if step.draws]
+        self.used = 0
+
+    def __call__(self, like, t0, t1):
+        self.used += 1
+        return self.draws[self.used - 1]
+
+
+def _no_callback(i, x):
+    pass
+
+
+_COMPILED: dict = {}  # the compiled executor, by device type
+# Each plan (solver, grid, options) and sample shape is a compiled variant of the one executor;
+# torch's default of 8 variants per function would fall back to eager, silently, past the eighth.
+COMPILED_VARIANTS = 64
+
+
+def execute_compiled(plan: Plan, model, x: torch.Tensor, noise) -> torch.Tensor:
+    """Run `plan` under torch.compile (inductor; on CUDA mode="reduce-overhead", i.e. CUDA graphs).
+    The noise is drawn before the loop; progress and callbacks do not reach inside the graph. A plan
+    built again (another grid, other options) is compiled again: plans are reused for equal runs."""
+    kind = x.device.type
+    if kind not in _COMPILED:
+        _COMPILED[kind] = torch.compile(execute, mode="reduce-overhead" if kind == "cuda" else None)
+    with torch._dynamo.config.patch(recompile_limit=COMPILED_VARIANTS):
+        x = _COMPILED[kind](plan, model, x, _Drawn(plan, noise, x), _no_callback)
+    return x.clone() if kind == "cuda" else x  # a CUDA graph's output is overwritten by its next replay
 
 
 # ---- Runge-Kutta in (y = x/alpha, s = sigma/alpha) -----------------------------------------------------

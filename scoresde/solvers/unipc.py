@@ -129,8 +129,11 @@ def unipc(planner, order: int = 2, variant: str = "bh2", lower_order_final: bool
         if i == last:  # the last step needs no m_{i+1}: no model call, no corrector
             planner.step(i, x=keep[i], terms=terms)
             continue
-        m_new = planner.stage(*(v[i + 1] for v in nodes), "x0", x=keep[i], terms=terms)
-        if corrector:  # UniC: the call the next predictor needs anyway
-            terms = [(ref, w + diff[k][j][i]) for j, (ref, w) in enumerate(terms)] + [(m_new, w_new[k][i])]
-        planner.step(i, x=keep[i], terms=terms)
+        x_pred = planner.point(x=keep[i], terms=terms)
+        m_new = planner.stage(*(v[i + 1] for v in nodes), "x0", x=0.0, terms=[(x_pred, 1.0)])
+        if corrector:  # UniC, from the predictor's point: the call the next predictor needs anyway
+            planner.step(i, x=0.0, terms=[(x_pred, 1.0), (m_new, w_new[k][i])] +
+                         [(ref, diff[k][j][i]) for j, (ref, _) in enumerate(terms)])
+        else:
+            planner.step(i, x=0.0, terms=[(x_pred, 1.0)])
         history = [m_new] + history[:order - 1]

@@ -78,8 +78,37 @@ def _check_times(times, sde: VPSDE, what: str) -> torch.Tensor:
     return times
 
 
-def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end, options: dict):
-    """The float64 CPU grid from T down to t_end, after checking steps/grid/t_end together."""
+# Grids made by a grid function, by (function, sde, steps, t_end), with the sample dtypes the schedule
+# was found to resolve on them (`_check_resolved`), most recent last; and solvers' calls per step.
+_GRIDS_MADE: OrderedDict = OrderedDict()
+_CALLS_PER_STEP: dict = {}
+GRID_CACHE_SIZE = 64
+
+
+def _calls_per_step(spec: Solver, options: dict) -> int:
+    key = (spec.fn, tuple((name, _frozen(value)) for name, value in options.items()))
+    if key not in _CALLS_PER_STEP:
+        _CALLS_PER_STEP[key] = spec.calls_per_step(options)
+    return _CALLS_PER_STEP[key]
+
+
+def _made_grid(fn: Callable, sde: VPSDE, steps: int, t_end: float) -> tuple[torch.Tensor, set]:
+    """fn's grid, checked, and the dtypes it is known to be resolved in (empty when new)."""
+    key = (fn, sde, steps, t_end)
+    if key in _GRIDS_MADE:
+        _GRIDS_MADE.move_to_end(key)
+        return _GRIDS_MADE[key]
+    made = (_check_times(fn(sde, steps, sde.T, t_end), sde, "grid(...)"), set())
+    if getattr(fn, "__module__", None) == "scoresde.grids":  # the library's own grids are pure: kept
+        _GRIDS_MADE[key] = made
+        if len(_GRIDS_MADE) > GRID_CACHE_SIZE:
+            _GRIDS_MADE.popitem(last=False)
+    return made
+
+
+def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end, options: dict) -> tuple[torch.Tensor, set]:
+    """The float64 CPU grid from T down to t_end, after checking steps/grid/t_end together, and the
+    dtypes the schedule is known to resolve on it."""
     if spec.adaptive and (steps is not None or grid is not None):
         given = f"steps={steps!r}" if steps is not None else f"grid={grid!r}"
         raise ValueError(f"solver {spec.name!r} is adaptive: it takes rtol/atol, not {given}")
@@ -90,12 +119,12 @@ def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end, options: dict):
         last = times[-1].item()  # sync: none, a CPU grid
         if t_end is not None and not math.isclose(_check_t_end(sde, t_end), last):
             raise ValueError(f"t_end={t_end!r} disagrees with the explicit grid's last time {last}")
-        return times
+        return times, set()
     t_end = _check_t_end(sde, t_end)
     if spec.adaptive:
-        return torch.tensor([sde.T, t_end], dtype=F64)
+        return torch.tensor([sde.T, t_end], dtype=F64), set()
     if steps is None:
-        steps = max(1, DEFAULT_NFE // spec.calls_per_step(options))
+        steps = max(1, DEFAULT_NFE // _calls_per_step(spec, options))
     check_count("steps", steps, maximum=None)
     _check_plan_size(f"steps={steps}", steps)
     grid = spec.grid if grid is None else grid
@@ -105,7 +134,7 @@ def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end, options: dict):
         grid = GRIDS[grid]
     if not callable(grid):
         raise TypeError(f"grid={grid!r}: expected one of {sorted(GRIDS)}, a tensor of times or a callable")
-    return _check_times(grid(sde, steps, sde.T, t_end), sde, "grid(...)")
+    return _made_grid(grid, sde, steps, t_end)
 
 
 def _check_x_T(x_T) -> torch.Tensor:
@@ -237,7 +266,7 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         raise ValueError("callback: compile=True runs the whole loop as one compiled graph, which a callback "
                          "would break; drop the callback or compile")
     options = validate(spec.name, spec.declared, spec.options, options)
-    times = _time_grid(spec, sde, steps, grid, t_end, options)
+    times, resolved = _time_grid(spec, sde, steps, grid, t_end, options)
     t_host = times.detach().tolist()  # sync: none, the grid lives on the CPU
     if noise is None:
         noise = GaussianNoise(generator)
@@ -256,7 +285,9 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
                          "reads the state on the host, and a meta tensor holds no values; use a fixed-step solver")
     if callable(getattr(noise, "check", None)):
         noise.check(tuple(x.shape), t_host[0], t_host[-1])
-    _check_resolved(sde, times, x.dtype)
+    if x.dtype not in resolved:
+        _check_resolved(sde, times, x.dtype)
+        resolved.add(x.dtype)
 
     denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sde)
     with torch.set_grad_enabled(grad):
@@ -267,7 +298,7 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
             x, run = _run_whole(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options)
     run.check_finite()
     if return_info:
-        return x, SampleInfo(run.nfe, spec.name, None if spec.adaptive else len(times) - 1, times.detach())
+        return x, SampleInfo(run.nfe, spec.name, None if spec.adaptive else len(times) - 1, times.detach().clone())
     return x
 
 

@@ -309,8 +309,13 @@ def test_bad_denoiser_arguments():
 
 
 # ---- bad model output -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("solver", SOLVER_NAMES)
-@pytest.mark.parametrize("wrong", ["flat", "extra_dim", "batch"])
+# One check (ModelRun._checked) serves every solver: the plan executor's path with each wrong shape,
+# and each whole-run solver (adaptive ones, the torchsde bridge) once.
+WRONG_SHAPES = ([("ddim", wrong) for wrong in ("flat", "extra_dim", "batch")] + [("unipc", "flat"), ("edm", "batch")]
+                + [(name, "batch") for name in SOLVER_NAMES if not sd.SOLVERS[name].plans])
+
+
+@pytest.mark.parametrize("solver,wrong", WRONG_SHAPES)
 def test_model_output_of_the_wrong_shape(solver, wrong):
     sde = sd.VPSDE.linear()
     calls = []

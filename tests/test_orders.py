@@ -142,27 +142,6 @@ def test_euler_maruyama_weak_order_exact_moments():
     assert fitted_order(steps_list, var_err) == pytest.approx(1.0, abs=0.25), var_err
 
 
-@pytest.mark.slow
-def test_euler_maruyama_weak_order_monte_carlo():
-    """The same weak order from plain random sampling: 4e5 samples put the Monte Carlo standard
-    error of the mean at ~8e-4, an eighth of the smallest bias measured here (~6e-3), and all
-    step counts reuse one seed, so most of the sampling error is common to every run."""
-    sde = sd.VPSDE.linear()
-    mu, s = 0.7, 0.5
-    data = sd.Gaussian(sde, [mu], s)
-    mean_exact, var_exact = exact_moments(sde, T_END, mu, s)
-    B = 400_000
-    steps_list = [8, 16, 32, 64]
-    mean_err = []
-    for n in steps_list:
-        x = sd.sample(data, sde, shape=(B, 1), dtype=F64, solver="euler_maruyama", grid=uniform_grid(sde, n),
-                      generator=torch.Generator().manual_seed(5), final_denoise=False)
-        mean_err.append(abs(x.mean().item() - mean_exact))
-        se = math.sqrt(var_exact / B)
-        assert mean_err[-1] > 5 * se  # the bias dominates the sampling error
-    assert fitted_order(steps_list, mean_err) == pytest.approx(1.0, abs=0.25), mean_err
-
-
 # ---- identities between the first-order samplers --------------------------------------------------------
 def exponential_euler(sde, eps_model, x, times):
     """First-order exponential integrator of the PF-ODE (DPM-Solver-1, Lu et al. 2022, eq. 3.7):

@@ -33,9 +33,9 @@ def _steps(name):
 
 
 # ---- item 5: NaN or inf in x_T ------------------------------------------------------------------
-@pytest.mark.parametrize("solver", ALL)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("solver,bad", [("heun", float("nan")), ("dopri5", float("inf")), ("pc", float("inf"))])
 def test_a_nan_or_inf_in_x_T_is_refused_naming_the_sample(solver, bad):
+    """One door check (`_check_x_T`) serves every solver: a plan, an adaptive solver, pc."""
     x_T = torch.randn(5, 2, generator=torch.Generator().manual_seed(0))
     x_T[3, 1] = bad
     model = CountingModel()

@@ -26,10 +26,14 @@ def classifier():
 @pytest.fixture(scope="module")
 def samples():
     model = sd.load_model()
-    torch.set_num_threads(2)
-    with torch.no_grad():
+    # One thread: on a loaded machine two threads stall on each other, many times slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         x = sd.sample(model.denoiser, model.sde, shape=(600, *model.sample_shape), solver="heun", steps=20,
                       generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.set_num_threads(threads)
     return model.to_data_units(x).numpy().reshape(600, 64)
 
 

@@ -16,7 +16,9 @@ import math
 import torch
 
 from .base import register
+from .ode import HEUN
 from .options import Number
+from .plan import Start, runge_kutta
 
 GAMMA_MAX = math.sqrt(2.0) - 1.0  # Karras et al.: churn at most doubles the variance
 
@@ -50,30 +52,9 @@ def edm(planner, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math
     """Karras et al. 2022's stochastic sampler (Algorithm 2): churn noise in, then a Heun step, in
     (x/alpha, sigma/alpha). s_churn = 0 (the default) is deterministic Heun; noise is added where
     s_tmin <= sigma/alpha <= s_tmax, gamma = min(s_churn/steps, sqrt(2) - 1), scaled by s_noise.
-
-    With y_hat = x_i/alpha_i + n z (the churn), D0 and D1 the x0 predictions at s_hat and s_{i+1},
-    h = s_{i+1} - s_hat and u = s_{i+1}/s_hat: the Euler point is y_e = u y_hat + (1 - u) D0 and
-    the step ends at y_{i+1} = u y_hat - (h/(2 s_hat)) (1 + h/s_{i+1}) D0 - (h/(2 s_{i+1})) D1, the
-    trapezoid y_hat + (h/2) (d0 + d1) with the slopes d = (y - D)/s written out.
-    """
+    The Heun step is the library's Runge-Kutta engine from the churned noise level: with
+    D = x0 prediction, dy/ds = (y - D)/s is eps, the probability-flow ODE of every RK solver."""
     if s_tmin > s_tmax:
         raise ValueError(f"s_tmin={s_tmin!r} > s_tmax={s_tmax!r}: churn acts where s_tmin <= sigma/alpha <= s_tmax")
-    sde, times = planner.sde, planner.times
-    churned, t_hat, lam_hat, noise_scale = _churn(sde, times, s_churn, s_tmin, s_tmax, s_noise)
-    alpha, sigma = sde.alpha_sigma(times)
-    alpha_hat, sigma_hat = sde.alpha_sigma(t_hat)
-    s_hat, s_1, alpha_1 = torch.exp(-lam_hat), sigma[1:] / alpha[1:], alpha[1:]
-    h, u = s_1 - s_hat, s_1 / s_hat
-    coefs = dict(
-        hat_x=alpha_hat / alpha[:-1], hat_z=alpha_hat * noise_scale,  # x_hat = alpha_hat y_hat
-        e_x=alpha_1 * u / alpha[:-1], e_z=alpha_1 * u * noise_scale, e_d0=alpha_1 * (1 - u),
-        end_x=alpha_1 * u / alpha[:-1], end_z=alpha_1 * u * noise_scale,
-        end_d0=-alpha_1 * (h / (2 * s_hat)) * (1 + h / s_1), end_d1=-alpha_1 * h / (2 * s_1))
-    c = {name: planner.values(v) for name, v in coefs.items()}
-    hat = [planner.values(v) for v in (t_hat, alpha_hat, sigma_hat)]
-    end = [planner.values(v) for v in (times[1:], alpha_1, sigma[1:])]
-    for i in range(planner.steps):
-        z = (lambda name: c[name][i]) if churned[i] else (lambda name: None)  # noqa: E731
-        d0 = planner.stage(*(v[i] for v in hat), "x0", x=c["hat_x"][i], noise=z("hat_z"))
-        d1 = planner.stage(*(v[i] for v in end), "x0", x=c["e_x"][i], terms=[(d0, c["e_d0"][i])], noise=z("e_z"))
-        planner.step(i, x=c["end_x"][i], terms=[(d0, c["end_d0"][i]), (d1, c["end_d1"][i])], noise=z("end_z"))
+    churned, t_hat, lam_hat, noise_scale = _churn(planner.sde, planner.times, s_churn, s_tmin, s_tmax, s_noise)
+    runge_kutta(planner, HEUN, Start(t_hat, lam_hat, noise_scale, churned))

@@ -144,11 +144,6 @@ class Number(Option):
     finite: bool = True
 
     def describe(self) -> str:
-        """What this option allows, e.g. "a number in [0, 1]" or "a finite number > 0".
-
-        Returns:
-            The description.
-        """
         unbounded = self.low == -math.inf or self.high == math.inf
         kind = "a finite number" if self.finite and unbounded else "a number"
         infinities = [] if self.finite else [s for s, x in (("-inf", -math.inf), ("inf", math.inf)) if self._holds(x)]
@@ -180,19 +175,9 @@ class Integer(Option):
     high: float = math.inf
 
     def describe(self) -> str:
-        """What this option allows, e.g. "an int in [1, 3]" or "an int >= 0".
-
-        Returns:
-            The description.
-        """
         return "an int" + _interval(self.low, self.high)
 
     def errors(self) -> tuple[str, ...]:
-        """The names of the error types `check` can raise: no ValueError without a bound.
-
-        Returns:
-            ("TypeError", "ValueError"), or ("TypeError",) for an unbounded Integer.
-        """
         bounded = self.low > -math.inf or self.high < math.inf
         return super().errors() if bounded else ("TypeError",)
 
@@ -217,11 +202,6 @@ class Choice(Option):
         object.__setattr__(self, "values", tuple(values))
 
     def describe(self) -> str:
-        """What this option allows, e.g. "one of ('bh1', 'bh2')".
-
-        Returns:
-            The description.
-        """
         return f"one of {self.values!r}"
 
     def _parse(self, value: object) -> object:
@@ -239,19 +219,9 @@ class Flag(Option):
     """Exactly True or False (a bool or a numpy.bool_), nothing that merely converts to one."""
 
     def describe(self) -> str:
-        """What this option allows: "True or False".
-
-        Returns:
-            The description.
-        """
         return "True or False"
 
     def errors(self) -> tuple[str, ...]:
-        """The names of the error types `check` can raise: only TypeError.
-
-        Returns:
-            ("TypeError",).
-        """
         return ("TypeError",)
 
     def _parse(self, value: object) -> object:
@@ -263,19 +233,9 @@ class Table(Option):
     """A dict (any mapping) with str keys, returned as a fresh dict; its values are checked elsewhere."""
 
     def describe(self) -> str:
-        """What this option allows: "a dict with str keys".
-
-        Returns:
-            The description.
-        """
         return "a dict with str keys"
 
     def errors(self) -> tuple[str, ...]:
-        """The names of the error types `check` can raise: only TypeError.
-
-        Returns:
-            ("TypeError",).
-        """
         return ("TypeError",)
 
     def _parse(self, value: object) -> object:

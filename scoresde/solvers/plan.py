@@ -250,28 +250,45 @@ def execute_compiled(plan: Plan, model, x: torch.Tensor, noise) -> torch.Tensor:
 
 
 # ---- Runge-Kutta in (y = x/alpha, s = sigma/alpha) -----------------------------------------------------
-def runge_kutta(planner: Planner, tableau):
+@dataclass
+class Start:
+    """Where the steps of a Runge-Kutta plan start when not at the grid's times (EDM's churn): per step
+    the time t and half log-SNR lam of the start, and the noise scale n by which y = x/alpha is raised
+    there first (y + n z); churned[i] (host bools) says which steps draw."""
+
+    t: torch.Tensor
+    lam: torch.Tensor
+    noise: torch.Tensor
+    churned: list
+
+
+def runge_kutta(planner: Planner, tableau, start: Start | None = None):
     """Explicit Runge-Kutta on dy/ds = eps, written in x: stage j of step i evaluates eps at
     x_ij = (alpha_ij/alpha_i) x_i + sum_m alpha_ij h_i a_jm k_m and t_ij = t(s_i + c_j h_i), and the step
-    ends at x_{i+1} = (alpha_{i+1}/alpha_i) x_i + sum_j alpha_{i+1} h_i b_j k_j."""
+    ends at x_{i+1} = (alpha_{i+1}/alpha_i) x_i + sum_j alpha_{i+1} h_i b_j k_j. With a `start`, step i
+    starts from s_i = exp(-lam_i) at t_i with y raised by n_i z: every point gains alpha n_i z."""
     a, b, c = tableau
     sde, times = planner.sde, planner.times
     alpha, sigma = sde.alpha_sigma(times)
-    s = sigma / alpha
-    h = s[1:] - s[:-1]
+    t0, s0 = (times[:-1], sigma[:-1] / alpha[:-1]) if start is None else (start.t, torch.exp(-start.lam))
+    h = sigma[1:] / alpha[1:] - s0
+    churned = [False] * planner.steps if start is None else start.churned
+    noise = torch.zeros_like(h) if start is None else start.noise
     # Nodes at a step's ends reuse the grid's own times (exact DDPM indices for index-time nets);
     # only interior nodes need t(s) inverted.
     nodes = {}
-    for node in set(c):
-        t = times[:-1] if node == 0 else times[1:] if node == 1 else sde.t_from_log_snr(-torch.log(s[:-1] + node * h))
+    for node in set(c) | {1.0}:
+        t = t0 if node == 0 else times[1:] if node == 1 else sde.t_from_log_snr(-torch.log(s0 + node * h))
         node_alpha, node_sigma = sde.alpha_sigma(t)
         nodes[node] = [planner.values(v) for v in (t, node_alpha, node_sigma, node_alpha / alpha[:-1],
-                                                    node_alpha * h)]
-    keep, weight = planner.values(alpha[1:] / alpha[:-1]), planner.values(alpha[1:] * h)
+                                                    node_alpha * h, node_alpha * noise)]
     for i in range(planner.steps):
         refs = []
         for j, node in enumerate(c):
-            t, node_alpha, node_sigma, scale, node_weight = (v[i] for v in nodes[node])
+            t, node_alpha, node_sigma, scale, node_weight, node_noise = (v[i] for v in nodes[node])
             terms = [(refs[m], node_weight * a_jm) for m, a_jm in enumerate(a[j - 1] if j else ()) if a_jm]
-            refs.append(planner.stage(t, node_alpha, node_sigma, "eps", x=scale, terms=terms))
-        planner.step(i, x=keep[i], terms=[(ref, weight[i] * b_j) for ref, b_j in zip(refs, b)])
+            refs.append(planner.stage(t, node_alpha, node_sigma, "eps", x=scale, terms=terms,
+                                      noise=node_noise if churned[i] else None))
+        _, _, _, keep, weight, end_noise = (v[i] for v in nodes[1.0])
+        planner.step(i, x=keep, terms=[(ref, weight * b_j) for ref, b_j in zip(refs, b)],
+                     noise=end_noise if churned[i] else None)

@@ -159,15 +159,26 @@ class VPSDE:
     def diffusion(self, t) -> torch.Tensor:
         return torch.sqrt(self.beta(t))
 
+    def drift_coefficients(self, t, *, ode: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a, b) such that the reverse-time drift f - g^2 score (ode=False) or the probability-flow
+        velocity f - g^2 score / 2 (ode=True) at t is a x + b score: a = -beta/2, b = -beta or -beta/2.
+        With score = -eps/sigma it is a x - (b/sigma) eps. The one place the solvers take it from."""
+        beta = self.beta(t)
+        return -0.5 * beta, -beta * (0.5 if ode else 1.0)
+
     def reverse_drift(self, x: torch.Tensor, t, score: torch.Tensor) -> torch.Tensor:
         """f - g^2 score, the drift of the reverse-time SDE (in dt, run backwards)."""
-        _check_like("score", score, check_tensor("x", x))
-        return self.drift(x, t) - per_sample(self.beta(t), x) * score
+        return self._drift_at(x, t, score, ode=False)
 
     def pf_drift(self, x: torch.Tensor, t, score: torch.Tensor) -> torch.Tensor:
         """f - g^2 score / 2, the probability-flow ODE's velocity dx/dt."""
+        return self._drift_at(x, t, score, ode=True)
+
+    def _drift_at(self, x, t, score, *, ode: bool) -> torch.Tensor:
         _check_like("score", score, check_tensor("x", x))
-        return self.drift(x, t) - 0.5 * per_sample(self.beta(t), x) * score
+        check_batch_time(t, x)
+        a, b = self.drift_coefficients(t, ode=ode)
+        return per_sample(a, x) * x + per_sample(b, x) * score
 
     # ---- prior -----------------------------------------------------------------------------------
     def prior_sample(self, shape, *, generator=None, dtype=None, device=None) -> torch.Tensor:

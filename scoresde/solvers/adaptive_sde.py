@@ -169,15 +169,19 @@ def adaptive_sde(model, x, times, *, noise, callback, rtol: float = 1e-2, atol: 
     return x
 
 
+def _step_coefficients(sde, t, h) -> tuple:
+    """Per sample, the coefficients of x, eps and z in an Euler-Maruyama step back by h from t."""
+    (a, b), sigma = sde.drift_coefficients(t), sde.sigma(t)
+    return -h * a, h * b / sigma, sde.diffusion(t) * torch.sqrt(h)
+
+
 def _attempt(model, x, t, s, z):
     """One attempted step from t to s (per-sample CPU float64 times) with the unit-variance Brownian
     increment z: (x', x'')."""
     sde, h = model.sde, t - s
-    beta_t, beta_s = sde.beta(t), sde.beta(s)
-    sigma_t, sigma_s = sde.sigma(t), sde.sigma(s)
-    # Per-sample coefficients of x, eps and z in k1 and k2, moved to the device in one copy.
-    coef = torch.stack([0.5 * h * beta_t, -h * beta_t / sigma_t, torch.sqrt(beta_t * h),
-                        0.5 * h * beta_s, -h * beta_s / sigma_s, torch.sqrt(beta_s * h)])
+    # Per-sample coefficients of x, eps and z in k1 and k2, moved to the device in one copy: a step
+    # back by h moves x by -h (a x - (b/sigma) eps) + g sqrt(h) z, the reverse drift a x + b score.
+    coef = torch.stack([c for u in (t, s) for c in _step_coefficients(sde, u, h)])
     coef = coef.to(x.device, x.dtype).reshape(6, -1, *[1] * (x.ndim - 1))
     # Euler-Maruyama: x' = x + h beta (x/2 - eps/sigma) + sqrt(beta h) z, then the same at (x', s).
     eps = model(x, t)

@@ -14,14 +14,15 @@ from .options import Choice
 
 @register("euler_maruyama", grid="log_snr", stochastic=True)
 def euler_maruyama(planner):
-    """Euler-Maruyama on the reverse SDE, with score = -eps/sigma:
-    x <- x + dt (beta x / 2 - beta eps / sigma) + sqrt(beta dt) z,  dt = t_i - t_{i+1} > 0."""
+    """Euler-Maruyama on the reverse SDE, whose drift is a x + b score = a x - (b/sigma) eps:
+    x <- x - dt (a x - (b/sigma) eps) + g sqrt(dt) z,  dt = t_i - t_{i+1} > 0 (for the VP-SDE
+    x + dt (beta x / 2 - beta eps / sigma) + sqrt(beta dt) z)."""
     sde, times = planner.sde, planner.times
     t, dt = times[:-1], times[:-1] - times[1:]
     alpha, sigma = sde.alpha_sigma(t)
-    beta_dt = sde.beta(t) * dt
-    keep, eps_coef, noise_coef = (planner.values(v) for v in (1.0 + 0.5 * beta_dt, -beta_dt / sigma,
-                                                                torch.sqrt(beta_dt)))
+    a, b = sde.drift_coefficients(t)
+    keep, eps_coef, noise_coef = (planner.values(v) for v in (1.0 - a * dt, b * dt / sigma,
+                                                                sde.diffusion(t) * torch.sqrt(dt)))
     t, alpha, sigma = (planner.values(v) for v in (t, alpha, sigma))
     for i in range(planner.steps):
         eps = planner.stage(t[i], alpha[i], sigma[i], "eps")
@@ -126,26 +127,27 @@ class _ReverseSDE(torch.nn.Module):
         self._first = None  # (y, drift) of the first call: see f
 
     def _at(self, u):
+        """t, the drift's coefficients of y and eps in u = T - t, and the diffusion g (host floats)."""
         t = self.t_start - float(u)  # sync: torchsde hands over time as a tensor
         t64 = torch.tensor(t, dtype=F64)
         sde = self.model.sde
-        return t, float(sde.beta(t64)), float(sde.sigma(t64))
+        a, b = sde.drift_coefficients(t64)
+        return t, -float(a), float(b / sde.sigma(t64)), float(sde.diffusion(t64))  # du = -dt flips the drift
 
     def f(self, u, y):
         # torchsde evaluates the drift once at the start to check shapes, then again, at the
         # same (u, y), in its first step: answer the second from the first, one model call.
         if self._first is not None and self._first[0] is y:
             return self._first[1]
-        t, beta, sigma = self._at(u)
+        t, c_y, c_eps, _ = self._at(u)
         eps = self.model(y.reshape(self.shape), t).reshape(y.shape)
         self.model.check_last()
-        drift = 0.5 * beta * y - (beta / sigma) * eps  # -(f - g^2 score), as du = -dt
+        drift = c_y * y + c_eps * eps
         self._first = (y, drift) if self._first is None else self._first
         return drift
 
     def g(self, u, y):
-        _, beta, _ = self._at(u)
-        return torch.full_like(y, beta**0.5)
+        return torch.full_like(y, self._at(u)[3])
 
 
 @register("torchsde", grid="uniform", stochastic=True, options={"method": Choice(*TORCHSDE_METHODS)},

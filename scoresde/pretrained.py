@@ -226,7 +226,7 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
             message names the file and the field.
     """
     from . import nn as networks
-    from .train import checkpoint as ckpt
+    from . import checkpoint as ckpt
 
     found = ckpt.load_checkpoint(path if path is not None else DEFAULT_MODEL, map_location=device)
     config, config_path = found.config, found.config_path
@@ -279,7 +279,7 @@ def export_model(checkpoint_path, out_dir) -> Path:
     """
     import safetensors.torch
 
-    from .train import checkpoint as ckpt
+    from . import checkpoint as ckpt
 
     found = ckpt.load_checkpoint(checkpoint_path)
     out = Path(out_dir)

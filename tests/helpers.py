@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import scoresde as sd
-from scoresde.train import checkpoint as ckpt
+from scoresde import checkpoint as ckpt
 
 F64 = torch.float64
 MEAN, STD = [0.7, -0.4], 0.5  # a non-trivial Gaussian: off-centre and narrower than the prior

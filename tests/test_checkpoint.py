@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from scoresde import files
-from scoresde.train.checkpoint import (
+from scoresde.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointWriteError,
@@ -460,7 +460,7 @@ def test_bad_load_arguments(tmp_path):
 # ---- SIGKILL at random moments -------------------------------------------------------------------
 _CHILD = """
 import sys, torch
-from scoresde.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from scoresde.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 root, n = sys.argv[1], 1 << 19
 step = load_checkpoint(root).step + 1 if latest_checkpoint(root) is not None else 0
 print("ready", step, flush=True)

@@ -26,7 +26,7 @@ import torch
 import scoresde as sd
 from scoresde.chunked import sample_seed
 from scoresde.pretrained import export_model
-from scoresde.train import checkpoint as ckpt
+from scoresde import checkpoint as ckpt
 from scoresde.train import data as datasets
 from scoresde.train import loop
 from scoresde.train.config import apply_overrides, preset

@@ -23,7 +23,7 @@ import scoresde as sd
 from scoresde import cli
 from scoresde.chunked import FolderLockedError, sample_seed
 from scoresde import files
-from scoresde.train import checkpoint as ckpt
+from scoresde import checkpoint as ckpt
 from scoresde.train import loop
 from scoresde.train.config import apply_overrides, preset
 

@@ -22,7 +22,7 @@ import scoresde as sd
 from scoresde import cli
 from scoresde.nn import build_network
 from scoresde.pretrained import DEFAULT_MODEL, Pretrained, export_model
-from scoresde.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from scoresde.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 
 TOY_UNITS = {"scale": 0.5, "shift": [0.5, 0.25]}
 
@@ -221,7 +221,7 @@ def test_a_hand_edited_config_is_refused_naming_the_file_and_field(tmp_path, cap
 _LOAD_UNDER_A_MEMORY_LIMIT = textwrap.dedent("""
     import json, re, resource, sys
     import scoresde as sd
-    from scoresde.train.checkpoint import CheckpointError
+    from scoresde.checkpoint import CheckpointError
 
     def peak_kib():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux

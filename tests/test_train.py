@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from scoresde.train import checkpoint as ckpt
+from scoresde import checkpoint as ckpt
 from scoresde.train import loop
 from scoresde.train.config import apply_overrides, preset
 

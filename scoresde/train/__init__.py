@@ -1,4 +1,4 @@
-"""Training: the denoising objective, the loop (one process or many), EMA, checkpoints, data sets."""
+"""Training: the denoising objective, the loop (one process or many), EMA, data sets (checkpoints: scoresde.checkpoint)."""
 from .config import PRESETS, TrainConfig, apply_overrides, preset
 from .data import DATASETS, Data, load_data
 from .ema import EMA

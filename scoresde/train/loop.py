@@ -31,7 +31,7 @@ from .. import nn as networks
 from .._lock import FolderLockedError, folder_lock  # noqa: F401 (FolderLockedError: what train raises)
 from ..prediction import Denoiser
 from ..solvers import SOLVERS, sample
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from . import data as datasets
 from .config import TrainConfig
 from .ema import EMA

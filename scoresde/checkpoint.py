@@ -42,9 +42,9 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
-from .. import files as disk
-from .._util import as_path, check_count
-from ..files import CheckpointError, config_differences, write_atomic  # noqa: F401 (re-exported)
+from . import files as disk
+from ._util import as_path, check_count
+from .files import CheckpointError, config_differences, write_atomic  # noqa: F401 (re-exported)
 
 __all__ = [
     "Checkpoint",

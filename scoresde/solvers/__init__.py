@@ -207,7 +207,8 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
            generator: torch.Generator | Sequence[torch.Generator] | None = None, noise: Callable | None = None,
            dtype: torch.dtype | None = None, device: str | torch.device | None = None,
            callback: Callable | None = None, progress: bool = False, return_info: bool = False,
-           grad: bool = False, compile: bool = False, **options: object) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
+           grad: bool = False, compile: bool = False,
+           **options: object) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
     """Draw samples by running `solver` from the prior at T down to `t_end`.
 
     The whole input is checked before the first model call (see the validation catalogue).

@@ -18,7 +18,7 @@ y = x/alpha, s = sigma/alpha where the probability-flow ODE reads dy/ds = eps (D
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -26,7 +26,7 @@ import torch
 from ..sde import VPSDE
 
 Coef = float | torch.Tensor  # a host float, or a 0-d tensor on the samples' device (differentiable plans)
-KINDS = ("eps", "x0")
+Terms = Sequence[tuple[int, Coef]]  # (ref, coefficient) pairs
 
 
 class Combo:
@@ -134,24 +134,58 @@ class Planner:
             return vector.detach().tolist()  # sync: none, CPU float64 schedule math
         return list(vector.to(self._device, self._dtype).unbind(0))
 
-    def stage(self, t: Coef, alpha: Coef, sigma: Coef, kind: str = "eps", x: Coef = 1.0, terms=(),
+    def stage(self, t: Coef, alpha: Coef, sigma: Coef, kind: str = "eps", x: Coef = 1.0, terms: Terms = (),
               noise: Coef | None = None) -> int:
-        """Evaluate the model at x * x + sum terms (+ noise * z); returns the output's ref."""
+        """One model call of the current step, at the point x * (the step's start state) + sum c * out[ref]
+        (+ noise * z, the step's one draw).
+
+        Args:
+            t: the time of the call (a float, or a 0-d tensor of a differentiable plan).
+            alpha: alpha(t), for converting the model's output.
+            sigma: sigma(t), likewise.
+            kind: the prediction wanted, "eps" or "x0" (converted once from what the model predicts).
+            x: the coefficient of the state at the step's start.
+            terms: (ref, coefficient) pairs of earlier outputs (this step's or a history's).
+            noise: the coefficient of the step's draw z, or None.
+
+        Returns:
+            The ref of this call's output.
+        """
         self._stages.append(Stage(t, alpha, sigma, kind, Combo(x, terms, noise)))
         self._outputs += 1
         return self._outputs - 1
 
-    def point(self, x: Coef = 1.0, terms=(), noise: Coef | None = None) -> int:
-        """Keep the point x * x + sum terms (+ noise * z) without calling the model; returns its ref, so that
-        a stage can be evaluated there and the step's update can start from it (one pass fewer)."""
+    def point(self, x: Coef = 1.0, terms: Terms = (), noise: Coef | None = None) -> int:
+        """Keep a point (x, terms, noise as for `stage`) without calling the model, so that a stage can
+        be evaluated there and the step's update can start from it (one pass over the state fewer).
+
+        Args:
+            x: the coefficient of the state at the step's start.
+            terms: (ref, coefficient) pairs of earlier outputs or points.
+            noise: the coefficient of the step's draw z, or None.
+
+        Returns:
+            The ref of the point.
+        """
         self._stages.append(Stage(0.0, 1.0, 1.0, None, Combo(x, terms, noise)))
         self._outputs += 1
         return self._outputs - 1
 
-    def step(self, i: int, x: Coef = 1.0, terms=(), noise: Coef | None = None, *, t0: float | None = None,
+    def step(self, i: int, x: Coef = 1.0, terms: Terms = (), noise: Coef | None = None, *, t0: float | None = None,
              t1: float | None = None, report: bool = True, custom: Callable | None = None):
-        """End grid step i (or a sub-step of it, report=False) with the state x * x + sum terms (+ noise * z),
-        or custom(x, outputs, z) reading the outputs in terms (then `noise` only says whether it draws)."""
+        """End grid step i (or a sub-step of it) with its new state, x * (the start state) + sum
+        c * out[ref] (+ noise * z), or custom(x, outputs, z).
+
+        Args:
+            i: the grid step (for the callback and messages).
+            x: the coefficient of the state at the step's start.
+            terms: (ref, coefficient) pairs of outputs and points (for `custom`: the refs it reads).
+            noise: the coefficient of the step's draw z, or None (for `custom`: whether it draws).
+            t0: the start of the span the draw stands for (default: the grid's t_i).
+            t1: its end (default: t_{i+1}; t0 = t1 for draws that are no Brownian increment).
+            report: call the callback after this step (False for sub-steps such as pc's predictor).
+            custom: an update no fixed combination says (pc's batch step size).
+        """
         update = Combo(x, terms, noise) if custom is None else Custom(custom, tuple(terms))
         stages, self._stages = tuple(self._stages), []
         draws = not _is_zero(noise) or any(not _is_zero(s.at.noise) for s in stages)

@@ -15,8 +15,9 @@ tolerance. This script integrates the same ODE (the same dopri5 of torchdiffeq) 
     t_y        time t, state y
     s_y        time s = sigma/alpha, state y       (the fixed-step solvers' coordinates)
     logt_x     time log t, state x
-    u_x, u_y   time u = -log alpha (= int_0^t beta/2: the time of the VP-SDE with beta = 2, in which
-               dx/du = eps/sigma - x whatever the schedule), state x or y
+    tau_x, tau_y  time tau = -log alpha (= int_0^t beta/2: the time of the VP-SDE with beta = 2, in
+               which dx/dtau = eps/sigma - x whatever the schedule), state x or y
+    r_x        time r = sqrt(tau) = sqrt(-log alpha), state x          (scoresde since this benchmark)
 
 each with the error norms
 
@@ -28,10 +29,10 @@ each with the error norms
 
 and records model calls (NFE) and the error of log p_{t_eps}(x) in nats. Every form solves
 
-    d(state)/d tau = v_state(t) dt/dtau,   d ell/d tau = (beta/(2 sigma)) div_x eps dt/dtau,
+    d(state)/d theta = v_state(t) dt/dtheta,   d ell/d theta = (beta/(2 sigma)) div_x eps dt/dtheta,
     log p_{t_eps}(x) = log p_T(x_T) + ell + D (log alpha_T - log alpha_{t_eps}),
 
-with v_x = -(beta/2)(x - eps/sigma), v_y = beta eps/(2 sigma alpha) and tau one of the times above.
+with v_x = -(beta/2)(x - eps/sigma), v_y = beta eps/(2 sigma alpha) and theta one of the times above.
 
 1. Exact Gaussian mixtures (`sd.GaussianMixture`: exact eps, exact log p_t), the exact divergence
    (no Hutchinson noise): the error is the ODE solver's alone, |log p_{t_eps}(x) - exact| with the
@@ -40,12 +41,18 @@ with v_x = -(beta/2)(x - eps/sigma), v_y = beta eps/(2 sigma alpha) and tau one 
    scikit-learn's digits in model units, std 0.15, 64-D).
 2. The shipped digits model with one fixed Rademacher probe per digit (Hutchinson; the probes do
    not change between runs, so the ODE is one deterministic problem): bits/dim against a
-   reference from dopri5 at rtol = atol = --ref-tol, where no exact value exists.
+   reference from dopri5 at rtol = atol = --ref-tol, where no exact value exists (the references
+   of the other --ref-forms show how far it can be trusted). `sd.log_likelihood` runs last, with
+   the same probes.
 
-The summary table gives, for each form and norm and each target error, the fewest model calls
-among the tolerances tried whose error (the worst sample's) was within the target.
+Both parts end with `sd.log_likelihood` itself at each tolerance (rows "sd.log_likelihood"), which
+shows the form the library runs. The summary tables give, for each form and norm and each
+target error (the worst sample's), the model calls read off a least-squares line of log NFE against
+log error over the tolerances (within the errors measured), and in brackets the fewest model calls
+among the runs whose error was within the target.
 
     python benchmarks/likelihood_cost.py [--n 16] [--digits 8] [--threads 1] [--out results/likelihood_cost]
+    python benchmarks/likelihood_cost.py --sde cosine --digits 0    # the mixtures on another schedule
 
 Writes likelihood_cost.json and likelihood_cost.md under --out and prints the Markdown tables.
 Measures only.
@@ -68,38 +75,39 @@ from tqdm.auto import tqdm
 import scoresde as sd
 
 F64 = torch.float64
-FORMS = ("lambda_y", "lambda_x", "lambda_x_jac", "t_x", "t_x_jac", "t_y", "s_y", "logt_x", "u_x", "u_y")
+FORMS = ("lambda_y", "lambda_x", "lambda_x_jac", "t_x", "t_x_jac", "t_y", "s_y", "logt_x", "tau_x", "tau_y", "r_x")
 NORMS = ("mixed", "state", "perdim")
+LIBRARY = "sd.log_likelihood"  # the row label of the library's own default solve
 
 
 # ---- the candidate forms ------------------------------------------------------------------------
 class Form:
-    """One integration variable tau and state (x or y = x/alpha) for dopri5."""
+    """One integration variable theta and state (x or y = x/alpha) for dopri5."""
 
     def __init__(self, name: str, sde):
         self.name, self.sde = name, sde
         self.time, state = name.split("_")[:2]
         self.on_y, self.jac_inside = state == "y", name.endswith("_jac")
 
-    def tau(self, t: float) -> float:
+    def theta(self, t: float) -> float:
         t_ = torch.tensor(t, dtype=F64)
         lam = self.sde.log_snr(t_)
         return float({"lambda": lam, "t": t_, "s": torch.exp(-lam), "logt": torch.log(t_),
-                      "u": -self.sde.log_alpha(t_)}[self.time])
+                      "tau": -self.sde.log_alpha(t_), "r": (-self.sde.log_alpha(t_)).sqrt()}[self.time])
 
-    def t(self, tau: torch.Tensor) -> torch.Tensor:
+    def t(self, theta: torch.Tensor) -> torch.Tensor:
         if self.time == "t":
-            return tau
+            return theta
         if self.time == "logt":
-            return torch.exp(tau)
-        if self.time == "u":
-            return self.sde.schedule.t_from_log_alpha(-tau)
-        return self.sde.t_from_log_snr(tau if self.time == "lambda" else -torch.log(tau))
+            return torch.exp(theta)
+        if self.time in ("tau", "r"):
+            return self.sde.schedule.t_from_log_alpha(-theta if self.time == "tau" else -theta**2)
+        return self.sde.t_from_log_snr(theta if self.time == "lambda" else -torch.log(theta))
 
-    def dt_dtau(self, t, alpha, sigma, beta):
-        """dt/dtau: dlambda/dt = -beta/(2 sigma^2), s = exp(-lambda), du/dt = beta/2."""
+    def dt_dtheta(self, t, alpha, sigma, beta):
+        """dt/dtheta: dlambda/dt = -beta/(2 sigma^2), s = exp(-lambda), dtau/dt = beta/2, tau = r^2."""
         return {"lambda": -2 * sigma**2 / beta, "t": 1.0, "s": 2 * sigma * alpha / beta, "logt": t,
-                "u": 2 / beta}[self.time]
+                "tau": 2 / beta, "r": 4 * math.sqrt(-math.log(alpha)) / beta}[self.time]
 
 
 def velocity_in_t(on_y: bool, z, eps, alpha, sigma, beta):
@@ -120,7 +128,7 @@ def exact_divergence(eps, x):
 
 def hutchinson(eps, x, probe):
     (g,) = torch.autograd.grad(eps, x, grad_outputs=probe)
-    return (g * probe).flatten(1).sum(1)
+    return (g * probe).flatten(1).sum(1, dtype=F64)
 
 
 def norm_of(name: str, dim: int):
@@ -147,12 +155,12 @@ def solve(denoiser, sde, x, form_name, norm, tol, t_eps, probe=None, model_dtype
     form, dim = Form(form_name, sde), x[0].numel()
     times = torch.tensor([t_eps, sde.T], dtype=F64)
     log_alpha0, log_alpha1 = (float(v) for v in sde.log_alpha(times))
-    tau0, tau1 = form.tau(t_eps), form.tau(sde.T)
-    lo, hi = min(tau0, tau1), max(tau0, tau1)
+    theta0, theta1 = form.theta(t_eps), form.theta(sde.T)
+    lo, hi = min(theta0, theta1), max(theta0, theta1)
     nfe = [0]
 
-    def func(tau, state):
-        t = form.t(tau.detach().clamp(lo, hi))  # torchdiffeq probes its first step past the end
+    def func(theta, state):
+        t = form.t(theta.detach().clamp(lo, hi))  # torchdiffeq probes its first step past the end
         alpha, sigma = (float(v) for v in sde.alpha_sigma(t))
         beta, t = float(sde.beta(t)), float(t)
         z = state[0]
@@ -162,14 +170,14 @@ def solve(denoiser, sde, x, form_name, norm, tol, t_eps, probe=None, model_dtype
             div = exact_divergence(eps, xin) if probe is None else hutchinson(eps, xin, probe)
         nfe[0] += 1
         eps = eps.detach().to(F64)
-        dt = form.dt_dtau(t, alpha, sigma, beta)
+        dt = form.dt_dtheta(t, alpha, sigma, beta)
         dell = div.detach().to(F64) * (beta / (2 * sigma))
         if form.jac_inside:
             dell = dell - beta * dim / 2
         return velocity_in_t(form.on_y, z, eps, alpha, sigma, beta) * dt, (dell * dt)[:, None]
 
     z0 = x.to(F64) / math.exp(log_alpha0) if form.on_y else x.to(F64)
-    span = torch.tensor([tau0, tau1], dtype=F64)
+    span = torch.tensor([theta0, theta1], dtype=F64)
     start = time.process_time()
     z, ell = odeint(func, (z0, torch.zeros(x.shape[0], 1, dtype=F64)), span, rtol=tol, atol=tol,
                     method="dopri5", options=dict(step_t=span[1:], norm=norm_of(norm, dim)))
@@ -228,12 +236,24 @@ def exact_rows(args, sde, bar):
                 for tol in args.tols:
                     bar.set_postfix_str(f"{data_name} {form} {norm} {tol:g}")
                     r = solve(denoiser, sde, x, form, norm, tol, args.t_eps)
-                    swapped = r.nats - r.prior + data.log_prob(r.x_T, sde.T)
-                    err = (swapped - exact).abs()
-                    rows.append(Row(data_name, form, norm, tol, r.nfe, err.max().item(), err.mean().item(),
-                                    r.seconds, r.nats.mean().item()))
+                    rows.append(exact_row(data, data_name, form, norm, tol, r, exact))
                     bar.update()
+        for tol in args.tols:  # the library as it is, to check which form it runs
+            bar.set_postfix_str(f"{data_name} log_likelihood {tol:g}")
+            start = time.process_time()
+            res = sd.log_likelihood(data, sde, x, t_eps=args.t_eps, divergence="exact", rtol=tol, atol=tol,
+                                    return_stats=True)
+            r = Solve(res.nats, res.x_T, res.prior_logp, res.nfe, time.process_time() - start)
+            rows.append(exact_row(data, data_name, LIBRARY, "default", tol, r, exact))
+            bar.update()
     return rows
+
+
+def exact_row(data, data_name, form, norm, tol, r: Solve, exact) -> Row:
+    """The error of one solve against the exact log p_{t_eps}, with the prior swapped for the exact p_T."""
+    swapped = r.nats - r.prior + data.log_prob(r.x_T, data.sde.T)
+    err = (swapped - exact).abs()
+    return Row(data_name, form, norm, tol, r.nfe, err.max().item(), err.mean().item(), r.seconds, r.nats.mean().item())
 
 
 def digits_rows(args, bar):
@@ -246,6 +266,7 @@ def digits_rows(args, bar):
     k = torch.as_tensor(load_digits().images, dtype=torch.int64)[:, None][: args.digits]
     gen = torch.Generator().manual_seed(args.seed)
     x = dequantize(k, 17, generator=gen)
+    state = gen.get_state()  # the library draws its probe from here: the same one
     probe = (torch.randint(0, 2, x.shape, generator=gen) * 2 - 1).to(x.dtype)
     bpd = lambda r: bits_per_dim(r.nats, 64, 17)  # noqa: E731
     refs = {}
@@ -265,6 +286,16 @@ def digits_rows(args, bar):
                 rows.append(Row("digits", form, norm, tol, r.nfe, err.max().item(), err.mean().item(), r.seconds,
                                 bpd(r).mean().item()))
                 bar.update()
+    for tol in args.digit_tols:
+        bar.set_postfix_str(f"digits log_likelihood {tol:g}")
+        gen.set_state(state)
+        start = time.process_time()
+        res = sd.log_likelihood(model.denoiser, model.sde, x, t_eps=args.t_eps, divergence="hutchinson",
+                                rtol=tol, atol=tol, levels=17, generator=gen)
+        seconds, err = time.process_time() - start, (res.bpd - ref).abs()
+        rows.append(Row("digits", LIBRARY, "default", tol, res.nfe, err.max().item(), err.mean().item(), seconds,
+                        res.bpd.mean().item()))
+        bar.update()
     return rows
 
 
@@ -277,9 +308,10 @@ def fewest_calls(rows, target):
 
 def fitted_calls(rows, target):
     """Model calls at `target` from a least-squares line of log NFE against log(worst error) over
-    the tolerances (smoother than the fewest calls: the error of one run scatters about 3x)."""
+    the tolerances (smoother than the fewest calls: the error of one run scatters about 3x);
+    None outside the errors measured (no extrapolation)."""
     pts = [(math.log(r.err_max), math.log(r.nfe)) for r in rows if r.err_max > 0]
-    if len(pts) < 2:
+    if len(pts) < 2 or not min(p[0] for p in pts) <= math.log(target) <= max(p[0] for p in pts):
         return None
     mx, my = sum(p[0] for p in pts) / len(pts), sum(p[1] for p in pts) / len(pts)
     sxx = sum((p[0] - mx) ** 2 for p in pts)
@@ -292,12 +324,11 @@ def summary_table(rows, data, targets, unit):
     mine = [r for r in rows if r.data == data and "reference" not in r.form]
     head = "| form | norm | " + " | ".join(f"NFE at {t:g} {unit}" for t in targets) + " |"
     lines = [head, "|---|---|" + "---:|" * len(targets)]
-    for form in dict.fromkeys(r.form for r in mine):
-        for norm in dict.fromkeys(r.norm for r in mine):
-            group = [r for r in mine if r.form == form and r.norm == norm]
-            cells = [(fitted_calls(group, t), fewest_calls(group, t)) for t in targets]
-            lines.append(f"| {form} | {norm} | " + " | ".join(
-                f"{'-' if f is None else f'{f:.0f}'} ({'-' if c is None else c})" for f, c in cells) + " |")
+    for form, norm in dict.fromkeys((r.form, r.norm) for r in mine):
+        group = [r for r in mine if r.form == form and r.norm == norm]
+        cells = [(fitted_calls(group, t), fewest_calls(group, t)) for t in targets]
+        lines.append(f"| {form} | {norm} | " + " | ".join(
+            f"{'-' if f is None else f'{f:.0f}'} ({'-' if c is None else c})" for f, c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -335,11 +366,11 @@ def main(argv=None):
                    help="rtol = atol values for the mixtures")
     p.add_argument("--targets", type=floats, default=[1e-2, 1e-3, 1e-4, 1e-5], help="errors (nats) to reach")
     p.add_argument("--digits", type=int, default=8, help="digits for the shipped model (0: skip)")
-    p.add_argument("--digit-forms", type=names(FORMS), default=["lambda_y", "lambda_x", "t_x", "t_x_jac"])
-    p.add_argument("--digit-tols", type=floats, default=[1e-3, 1e-4, 1e-5])
+    p.add_argument("--digit-forms", type=names(FORMS), default=["lambda_y", "lambda_x", "t_x", "tau_x", "r_x"])
+    p.add_argument("--digit-tols", type=floats, default=[1e-3, 1e-4, 1e-5, 1e-6])
     p.add_argument("--digit-targets", type=floats, default=[1e-2, 1e-3, 1e-4], help="errors (bits/dim) to reach")
     p.add_argument("--ref-tol", type=float, default=1e-7, help="tolerance of the digits' reference")
-    p.add_argument("--ref-forms", type=names(FORMS), default=["lambda_x", "t_x"],
+    p.add_argument("--ref-forms", type=names(FORMS), default=["r_x", "t_x", "lambda_y"],
                    help="the first is the reference; the others check it")
     p.add_argument("--sde", choices=("linear", "cosine", "ddpm"), default="linear",
                    help="the mixtures' schedule ('ddpm': the chain of linspace(1e-4, 0.02, 1000)); the "
@@ -358,8 +389,9 @@ def main(argv=None):
 
     load_before = os.getloadavg()
     start = time.perf_counter()
-    total = (len(args.data) * len(args.forms) * len(args.norms) * len(args.tols)
-             + (len(args.ref_forms) + len(args.digit_forms) * len(args.norms) * len(args.digit_tols)) * (args.digits > 0))
+    total = (len(args.data) * (len(args.forms) * len(args.norms) + 1) * len(args.tols)
+             + (len(args.ref_forms) + (len(args.digit_forms) * len(args.norms) + 1) * len(args.digit_tols))
+             * (args.digits > 0))
     with tqdm(total=total, desc="likelihood cost", unit="solve") as bar:
         rows = exact_rows(args, sde, bar)
         if args.digits:
@@ -372,13 +404,14 @@ def main(argv=None):
                 f"{os.cpu_count()} cores; 1-minute load {load_before[0]:.1f} before, {load_after[0]:.1f} after; "
                 f"{elapsed:.0f} s in all. dopri5 (torchdiffeq), {args.sde} VP-SDE, t_eps = {args.t_eps:g}.", ""]
     for data in args.data:
-        sections += [f"### {data}: fewest model calls reaching each error (worst of {args.n} samples, "
-                     "exact divergence, error against the exact log-density)", "",
+        sections += [f"### {data}: model calls at each error (worst of {args.n} samples, exact divergence, "
+                     "error against the exact log-density; fitted, and in brackets the fewest that reached it)", "",
                      summary_table(rows, data, args.targets, "nats"), ""]
     if args.digits:
-        sections += [f"### shipped digits model, {args.digits} digits, one fixed Rademacher probe: fewest model "
-                     f"calls reaching each error in bits/dim against dopri5 at {args.ref_tol:g} "
-                     f"({args.ref_forms[0]})", "", summary_table(rows, "digits", args.digit_targets, "bpd"), ""]
+        sections += [f"### shipped digits model, {args.digits} digits, one fixed Rademacher probe: model calls at "
+                     f"each error in bits/dim (worst digit) against dopri5 at {args.ref_tol:g} in {args.ref_forms[0]} "
+                     "(fitted, and in brackets the fewest that reached it)", "",
+                     summary_table(rows, "digits", args.digit_targets, "bpd"), ""]
     for data in args.data + (["digits"] if args.digits else []):
         sections += [f"### {data}: every run", "", full_table(rows, data, "bpd" if data == "digits" else "nats"), ""]
     md = "\n".join(sections)

@@ -14,7 +14,7 @@ The recipe (as `scoresde likelihood` does it, see scoresde/likelihood.py):
    nats to bits/dim: bpd = -log p(x)/(64 ln 2) + log2(16/2). Uniform noise over the 17 levels
    would score log2 17 = 4.09.
 The modest tolerance 1e-3 keeps this under a minute: on 32 of these digits it lands within 0.005
-bits of tolerance 1e-5 at a seventh of the model calls. Fixed steps converge slowly here
+bits of tolerance 1e-5 at under a quarter of the model calls. Fixed steps converge slowly here
 (Heun with 25 steps is 0.3 bits low), so prefer the adaptive solver.
 
 Run (about 15 s on a CPU):

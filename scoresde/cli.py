@@ -81,11 +81,11 @@ def _likelihood_parser(commands):
                     "1/8 in model units (x = (k + u - 1/2)/8 - 1, centred on the training map k/8 - 1); "
                     "bpd = -log p(x)/(64 ln 2) + 3. Prints the mean log-likelihood (nats), bpd with its standard "
                     "error over the images, NFE and wall time.",
-        epilog="Cost: with the defaults (dopri5 at rtol = atol = 1e-5, about 550 model calls per batch, each with "
-               "one backward pass for Hutchinson's divergence estimate) the solve costs about 1 s per digit on "
-               "one CPU core in batches of 20 or more (several seconds for a digit alone): the default 200 digits "
-               "take a few minutes on a CPU, longer on a busy machine. --solver rk4 (200 model calls) is about "
-               "3 times faster for nearly the same bits/dim; --solver heun --steps 25 about 10 times but about "
+        epilog="Cost: with the defaults (dopri5 at rtol = atol = 1e-5, about 300 model calls per batch, each with "
+               "one backward pass for Hutchinson's divergence estimate) the solve costs about 0.4 s per digit on "
+               "one CPU core for the default 200 digits (more per digit in small batches): a few minutes on a CPU, "
+               "longer on a busy machine. --solver rk4 (200 model calls) is faster still for nearly the same "
+               "bits/dim; --solver heun --steps 25 about 10 times but about "
                "0.3 bits low; each extra --probes adds a backward pass per call (--probes 4: twice the time); "
                "--divergence exact takes 64 backward passes per call (over a minute per digit). Measurements: "
                "docs/training.md.")

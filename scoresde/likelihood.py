@@ -1,24 +1,42 @@
 """Log-likelihood and bits per dimension through the probability-flow ODE with the instantaneous
 change of variables (Song et al. 2021, "Score-Based Generative Modeling through SDEs", sec. 4.3).
 
-The ODE, in the coordinates the library's ODE solvers use (scoresde/solvers/ode.py): y = x/alpha
-with the half log-SNR lambda = log(alpha/sigma) as time,
+The ODE. With tau = -log alpha (= int_0^t beta/2: the time of the VP-SDE whose beta is 2) the
+probability-flow ODE dx/dt = -(beta/2)(x - eps/sigma) (Song et al. eq. 13, score = -eps/sigma)
+reads dx/dtau = eps/sigma - x, with sigma^2 = 1 - exp(-2 tau) whatever the schedule. dopri5
+integrates it in r = sqrt(tau) = sqrt(-log alpha), with x itself as the state:
 
-    dy/dlambda = g(y, lambda) = -exp(-lambda) eps(alpha y, t(lambda)) = -(sigma/alpha) eps.
+    dx/dr = 2r (eps(x, t(r))/sigma - x),   t(r): log alpha(t) = -r^2.
 
-Change of variables. Along a trajectory of dy/dlambda = g, d log p(y)/dlambda = -div_y g, and
-div_y g = -(sigma/alpha) alpha div_x eps = -sigma div_x eps. Integrating from lambda_0 = lambda(t_eps)
-(near the data) to lambda_T = lambda(T) (lambda decreases as t grows; the integral is signed):
+Near the data sigma ~ sqrt(2) r, so r is the noise level there, and while sigma is below the
+data's own scale the velocity is about linear in r (a few large steps); near T, x stays of the
+prior's size (y = x/alpha, the state used before, grows to 1/alpha_T ~ 150 times x).
+benchmarks/likelihood_cost.py measured this form against (lambda, y), (t, x) (score_sde's),
+(tau, x), (lambda, x) and others on exact mixtures and the shipped digits model: at equal error it
+takes 0.5-0.8 of the model calls of (lambda, y). (t, x) is as cheap on the linear schedule's
+mixtures, but not on the cosine schedule (1.7x), a DDPM chain (beta jumps at every step) or the
+shipped model (docs/benchmarks.md).
 
-    log p^Y_0(y_0) = log p^Y_T(y_T) + L,   L = integral_{lambda_0}^{lambda_T} -sigma div_x eps dlambda.
+Change of variables. Along a trajectory d log p(x)/dr = -div_x(dx/dr) = -2r (div_x eps/sigma - D).
+Integrating from r_0 = r(t_eps) (near the data) to r_T = r(T):
 
-y = x/alpha has the Jacobian alpha^-D, so log p^X(x) = log p^Y(x/alpha) - D log alpha at both ends:
+    log p_{t_eps}(x) = log p_T(x_T) + L - D (r_T^2 - r_0^2),   L = int_{r_0}^{r_T} (2r/sigma) div_x eps dr,
 
-    log p_{t_eps}(x) = log N(x_T; 0, I) + L + D (log alpha_T - log alpha_{t_eps}),   x_T = alpha_T y_T.
+and r_T^2 - r_0^2 = log alpha_{t_eps} - log alpha_T. The state is x at both ends, so no Jacobian of
+a change of state enters: the drift's -x supplies the whole D log alpha term, in closed form. With
+the prior N(0, I) in place of p_T:
 
-(Check: with dlambda/dt = -beta/(2 sigma^2) this is Song et al.'s integral in t of
-div_x[-beta x/2 + beta eps/(2 sigma)] = -beta D/2 + beta/(2 sigma) div_x eps, whose first term
-integrates to the same D (log alpha_T - log alpha_{t_eps}).)
+    log p_{t_eps}(x) = log N(x_T; 0, I) + L + D (log alpha_T - log alpha_{t_eps}).
+
+(Check: with dtau = (beta/2) dt, L is Song et al.'s int (beta/(2 sigma)) div_x eps dt and the D term
+their int -(beta/2) D dt, the drift's divergence.)
+
+Fixed steps. euler, heun and rk4 step as the library's ODE samplers do (scoresde/solvers/ode.py):
+time s = sigma/alpha = exp(-lambda), state y = x/alpha, dy/ds = eps, on a grid uniform in lambda.
+There d log p(y)/ds = -div_y(dy/ds) = -alpha div_x eps, and alpha ds = (beta/(2 sigma)) dt, so the
+same L = int_{s_0}^{s_T} alpha div_x eps ds comes out. y = x/alpha has the Jacobian alpha^-D, so
+log p^X(x) = log p^Y(x/alpha) - D log alpha at both ends: -D log alpha_{t_eps} at the data and
++D log alpha_T at the prior give the same D (log alpha_T - log alpha_{t_eps}), x_T = alpha_T y_T.
 
 The integral starts at t_eps (1e-5 by default, as Song et al.; 1/N for a DDPM chain, its first
 step), so what comes out is log p_{t_eps}(x), the density of x under the model's marginal at t_eps;
@@ -160,18 +178,18 @@ def _check_t_eps(sde, t_eps):
     return float(t_eps)
 
 
-# ---- divergence and velocity --------------------------------------------------------------------
-class _Velocity:
-    """(dy/dlambda, dL/dlambda) = (-(sigma/alpha) eps, -sigma div_x eps), eps at x = alpha y, with the
-    divergence exact (one vector-Jacobian product per dimension) or Hutchinson's z^T (d eps/dx) z per
-    probe (dL has one column per probe). Counts model calls; no host reads."""
+# ---- the model's eps and its divergence ---------------------------------------------------------
+class _EpsDiv:
+    """eps(x, t) and div_x eps, exact (one vector-Jacobian product per dimension) or Hutchinson's
+    z^T (d eps/dx) z per probe (one column per probe). Counts model calls; no host reads."""
 
     def __init__(self, denoiser, probes, model_dtype):
         self.denoiser, self.probes, self.model_dtype, self.nfe = denoiser, probes, model_dtype, 0
         self.sums = []  # per call: the sum of eps, to check finiteness after a fixed-step loop
 
-    def __call__(self, y, t: float, alpha: float, sigma: float):
-        x = (y * alpha).to(self.model_dtype).detach().requires_grad_(True)
+    def __call__(self, state, t: float):
+        """(eps, div_x eps of shape (batch, columns)), both in the state's dtype, at x = state."""
+        x = state.to(self.model_dtype).detach().requires_grad_(True)
         with torch.enable_grad():
             eps = self.denoiser.eps(x, t)
             if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
@@ -184,7 +202,7 @@ class _Velocity:
         self.nfe += 1
         eps = eps.detach()
         self.sums.append(eps.sum(dtype=F64))
-        return eps.to(y.dtype) * -(sigma / alpha), div * -sigma
+        return eps.to(state.dtype), div.to(state.dtype)
 
     def _divergence(self, eps, x):
         batch = x.shape[0]
@@ -211,9 +229,10 @@ def _draw_probes(kind, count, like, dtype, generator):
     return z.to(like.device)
 
 
-def _fixed_step(velocity, sde, y, ell, lam0, lam1, steps, tableau, bar):
-    """Explicit Runge-Kutta in s = sigma/alpha = exp(-lambda) (as the library's fixed-step ODE solvers)
-    on a grid uniform in lambda. dy/ds = -exp(lambda) dy/dlambda = eps and dL/ds = alpha div_x eps.
+# ---- the two integrators: each returns (x_T, L) -------------------------------------------------
+def _fixed_step(eps_div, sde, x, ell, lam0, lam1, alpha0, alpha1, steps, tableau, bar):
+    """Explicit Runge-Kutta in s = sigma/alpha = exp(-lambda) on y = x/alpha (as the library's
+    fixed-step ODE solvers) on a grid uniform in lambda: dy/ds = eps, dL/ds = alpha div_x eps.
     Every coefficient is a host float computed before the loop: the loop reads no device tensor.
     `bar` (a tqdm of total `steps`) advances one per step, with the model calls so far."""
     a, b, c = tableau
@@ -221,9 +240,8 @@ def _fixed_step(velocity, sde, y, ell, lam0, lam1, steps, tableau, bar):
     h = s[1:] - s[:-1]
     stage_s = s[:-1, None] + h[:, None] * torch.tensor(c, dtype=F64)[None]  # (steps, stages)
     stage_t = sde.t_from_log_snr(-torch.log(stage_s))
-    alpha, sigma = sde.alpha_sigma(stage_t)
-    t_h, alpha_h, sigma_h = host_floats(stage_t), host_floats(alpha), host_floats(sigma)
-    h_h, ds_dlam = host_floats(h), host_floats(-stage_s)  # dlambda/ds = -1/s: velocities in s are v / -s
+    t_h, alpha_h, h_h = host_floats(stage_t), host_floats(sde.alpha(stage_t)), host_floats(h)
+    y = x / alpha0
     for i in range(steps):
         ks, ls = [], []
         for j in range(len(b)):
@@ -231,46 +249,48 @@ def _fixed_step(velocity, sde, y, ell, lam0, lam1, steps, tableau, bar):
             for m, a_jm in enumerate(a[j - 1] if j else ()):
                 if a_jm:
                     yj = yj + (h_h[i] * a_jm) * ks[m]
-            k, l_ = velocity(yj, t_h[i][j], alpha_h[i][j], sigma_h[i][j])
-            ks.append(k / ds_dlam[i][j])
-            ls.append(l_ / ds_dlam[i][j])
+            eps, div = eps_div(yj * alpha_h[i][j], t_h[i][j])
+            ks.append(eps)
+            ls.append(div * alpha_h[i][j])
         for k, l_, b_j in zip(ks, ls, b):
             y = y + (h_h[i] * b_j) * k
             ell = ell + (h_h[i] * b_j) * l_
-        bar.set_postfix(nfe=velocity.nfe, refresh=False)
+        bar.set_postfix(nfe=eps_div.nfe, refresh=False)
         bar.update(1)
-    return y, ell
+    return y * alpha1, ell
 
 
-def _adaptive(velocity, sde, y, ell, lam0, lam1, rtol, atol, bar):
-    """dopri5 through torchdiffeq; its step control reads the state on the host at every step anyway,
-    so the per-call host conversions and the finiteness check here add no sync of their own.
+def _adaptive(eps_div, sde, x, ell, r0, r1, lam0, rtol, atol, bar):
+    """dopri5 through torchdiffeq in r = sqrt(-log alpha) on x: dx/dr = 2r (eps/sigma - x),
+    dL/dr = (2r/sigma) div_x eps (see the module docstring). Its step control reads the state on the
+    host at every step anyway, so the per-call host conversions and the finiteness check here add
+    no sync of their own.
 
-    `bar` (a tqdm whose total is the span lam0 - lam1) follows the solve: dopri5's last stage is
-    evaluated at the step's end (first same as last), so when torchdiffeq reports an accepted step
-    (its `callback_accept_step` hook) the last lambda evaluated is how far the solve has got."""
+    `bar` (a tqdm whose total is the log-SNR span lam0 - lambda(T)) follows the solve: dopri5's last
+    stage is evaluated at the step's end (first same as last), so when torchdiffeq reports an
+    accepted step (its `callback_accept_step` hook) the last lambda evaluated is how far it has got."""
     from torchdiffeq import odeint
 
     last_lam = [lam0]
 
-    def func(lam, state):
+    def func(r, state):
         # Clamped to the span: torchdiffeq probes its first step size past the end, and beyond T the
         # schedule may end (the cosine's alpha reaches 0 just after its T).
-        lam = lam.detach().to("cpu", F64).clamp(lam1, lam0)  # sync: adaptive stepping is host-driven
-        last_lam[0] = float(lam)
-        t = sde.t_from_log_snr(lam)
-        alpha, sigma = sde.alpha_sigma(t)
-        out = velocity(state[0], float(t), float(alpha), float(sigma))
-        if not bool(torch.isfinite(velocity.sums[-1])):  # sync: a NaN would otherwise stall the step control
+        r = float(r.detach().to("cpu", F64).clamp(r0, r1))  # sync: adaptive stepping is host-driven
+        t = sde.schedule.t_from_log_alpha(torch.tensor(-r * r, dtype=F64))
+        alpha, sigma = (float(v) for v in sde.alpha_sigma(t))
+        last_lam[0] = math.log(alpha / sigma)
+        eps, div = eps_div(state[0], float(t))
+        if not bool(torch.isfinite(eps_div.sums[-1])):  # sync: a NaN would otherwise stall the step control
             raise FloatingPointError(f"the model returned NaN or inf at t={float(t):.6g}")
-        return out
+        return (eps / sigma - state[0]) * (2 * r), div * (2 * r / sigma)
 
-    func.callback_accept_step = lambda t0, y0, dt: _advance(bar, lam0 - last_lam[0], velocity.nfe)
-    span = torch.tensor([lam0, lam1], dtype=F64, device=y.device)
-    # step_t: the last step lands on lambda(T) instead of stepping past it and interpolating back.
-    y_path, ell_path = odeint(func, (y, ell), span, rtol=rtol, atol=atol, method="dopri5",
+    func.callback_accept_step = lambda t0, y0, dt: _advance(bar, lam0 - last_lam[0], eps_div.nfe)
+    span = torch.tensor([r0, r1], dtype=F64, device=x.device)
+    # step_t: the last step lands on r(T) instead of stepping past it and interpolating back.
+    x_path, ell_path = odeint(func, (x, ell), span, rtol=rtol, atol=atol, method="dopri5",
                               options=dict(step_t=span[1:]))
-    return y_path[-1], ell_path[-1]
+    return x_path[-1], ell_path[-1]
 
 
 def _advance(bar, done, nfe):
@@ -311,8 +331,9 @@ def log_likelihood(model: Callable, sde: VPSDE, x: torch.Tensor, *, t_eps: float
             "auto" (exact for D <= 16).
         probes: Hutchinson probes per model call.
         probe: "rademacher" or "gaussian".
-        solver: "dopri5" (adaptive, torchdiffeq; rtol, atol) or "euler", "heun", "rk4" (fixed
-            `steps`, uniform in lambda, default about 200 model calls; no host read inside the loop).
+        solver: "dopri5" (adaptive, torchdiffeq; rtol, atol; in r = sqrt(-log alpha) on x, see the
+            module docstring) or "euler", "heun", "rk4" (fixed `steps`, uniform in lambda, default
+            about 200 model calls; no host read inside the loop).
         steps: steps of a fixed-step solver.
         rtol: dopri5's relative tolerance.
         atol: dopri5's absolute tolerance.
@@ -373,21 +394,21 @@ def log_likelihood(model: Callable, sde: VPSDE, x: torch.Tensor, *, t_eps: float
         divergence = "exact" if dim <= AUTO_EXACT_MAX_DIM else "hutchinson"
     state_dtype = F64 if x.device.type != "mps" else torch.float32  # MPS has no float64
     z = _draw_probes(probe, probes, x, x.dtype, generator) if divergence == "hutchinson" else None
-    velocity = _Velocity(denoiser, z, x.dtype)
+    eps_div = _EpsDiv(denoiser, z, x.dtype)
 
     times = torch.tensor([t_eps, sde.T], dtype=F64)
     lam0, lam1 = host_floats(sde.log_snr(times))
     log_alpha0, log_alpha1 = host_floats(sde.log_alpha(times))
-    alpha0, alpha1 = math.exp(log_alpha0), math.exp(log_alpha1)
-    y = x.detach().to(state_dtype) / alpha0
+    state = x.detach().to(state_dtype)
     ell = torch.zeros(batch, 1 if z is None else probes, dtype=state_dtype, device=x.device)
     with _progress_bar(progress, solver, steps, lam0, lam1, batch) as bar:
         if solver == "dopri5":
-            y, ell = _adaptive(velocity, sde, y, ell, lam0, lam1, rtol, atol, bar)
+            r0, r1 = math.sqrt(-log_alpha0), math.sqrt(-log_alpha1)
+            x_T, ell = _adaptive(eps_div, sde, state, ell, r0, r1, lam0, rtol, atol, bar)
         else:
-            y, ell = _fixed_step(velocity, sde, y, ell, lam0, lam1, steps, tableau, bar)
+            x_T, ell = _fixed_step(eps_div, sde, state, ell, lam0, lam1, math.exp(log_alpha0), math.exp(log_alpha1),
+                                   steps, tableau, bar)
 
-    x_T = y * alpha1
     prior = sde.prior_logp(x_T).to(F64)
     delta = ell.to(F64).mean(1) + dim * (log_alpha1 - log_alpha0)
     nats = prior + delta
@@ -395,14 +416,14 @@ def log_likelihood(model: Callable, sde: VPSDE, x: torch.Tensor, *, t_eps: float
     if z is not None and probes >= 2:
         std_error = ell.to(F64).std(1) / math.sqrt(probes)
     if x.device.type != "meta" and not bool(torch.isfinite(nats).all()):  # sync: once, after the solve
-        sums = torch.stack(velocity.sums)
+        sums = torch.stack(eps_div.sums)
         bad = torch.nonzero(~torch.isfinite(sums))
         where = f" at model call {int(bad[0]) + 1}" if len(bad) else ""
         raise FloatingPointError(f"the log-likelihood came out NaN or inf{where}: the model returned NaN or inf, "
                                  "or the ODE diverged")
     bpd = bits_per_dim(nats, dim, levels) if levels is not None else None
     bpd_se = std_error / (dim * math.log(2.0)) if levels is not None and std_error is not None else None
-    result = LikelihoodResult(nats, bpd, std_error, velocity.nfe, divergence, t_eps, bpd_se)
+    result = LikelihoodResult(nats, bpd, std_error, eps_div.nfe, divergence, t_eps, bpd_se)
     if return_stats:
         result.prior_logp, result.delta_logp, result.x_T = prior, delta, x_T.to(x.dtype)
     return result

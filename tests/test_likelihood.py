@@ -77,10 +77,10 @@ def test_error_follows_the_tolerance(name):
 def test_default_is_cheap_at_equal_error(sde):
     """The default solve (dopri5 in r = sqrt(-log alpha) on x, rtol = atol = 1e-5) of 16 draws from
     the sharp ring: within 1e-3 nats of the exact log p_{t_eps}(x) with at most 120 model calls
-    (measured 98 calls and 2.2e-4 nats, linear; 92 and 3.1e-4, cosine). The form used before, (lambda, y = x/alpha),
-    met neither at once at any tolerance from 1e-3 to 1e-7: it took 140 calls for 1.4e-3 nats and 194
-    for 2.1e-4 (linear), 146 for 1.2e-3 and 176 for 2.6e-4 (cosine); a missing Jacobian term misses
-    the error bound by nats."""
+    (measured 98 calls and 2.2e-4 nats, linear; 92 and 3.1e-4, cosine). The form used before,
+    (lambda, y = x/alpha), met both at once at no tolerance from 1e-3 to 1e-7: it took 140 calls
+    for 1.4e-3 nats and 194 for 2.1e-4 (linear), 146 for 1.2e-3 and 176 for 2.6e-4 (cosine); a
+    missing Jacobian term misses the error bound by nats."""
     data = sd.GaussianMixture.ring2d(sde)
     x = draws(data, 16, seed=3)
     res = log_likelihood(data, sde, x, divergence="exact", return_stats=True)

@@ -55,18 +55,26 @@ def check_count(name: str, value, *, minimum: int = 1, maximum: int | None = MAX
     return value
 
 
-def _interval(low, high, low_open, high_open) -> str:
+def show_bound(bound: float) -> str:
+    """A bound as people write it: 0 and 1 rather than 0.0 and 1.0, 10000000 rather than 1e+07."""
+    if isinstance(bound, numbers.Integral) or (float(bound).is_integer() and abs(bound) < 1e16):
+        return str(int(bound))
+    return repr(float(bound))
+
+
+def interval(low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
+    """' in [0, 1]', ' > 0', ' <= 3', or '' for the whole line."""
     if high == math.inf:
-        return "" if low == -math.inf else f" {'>' if low_open else '>='} {low:g}"
+        return "" if low == -math.inf else f" {'>' if low_open else '>='} {show_bound(low)}"
     if low == -math.inf:
-        return f" {'<' if high_open else '<='} {high:g}"
-    return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        return f" {'<' if high_open else '<='} {show_bound(high)}"
+    return f" in {'(' if low_open else '['}{show_bound(low)}, {show_bound(high)}{')' if high_open else ']'}"
 
 
 def check_number(name: str, value, *, low: float = -math.inf, high: float = math.inf, low_open: bool = False,
                  high_open: bool = False, finite: bool = True) -> float:
     """A real number (not a bool, not a tensor) in the interval, as a Python float."""
-    allowed = f"expected a {'finite ' if finite else ''}number{_interval(low, high, low_open, high_open)}"
+    allowed = f"expected a {'finite ' if finite else ''}number{interval(low, high, low_open, high_open)}"
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name}={value!r}: {allowed}")
     try:

@@ -27,6 +27,8 @@ from dataclasses import KW_ONLY, dataclass
 
 import numpy as np
 
+from .._util import interval
+
 _BOOLS = (bool, np.bool_)  # neither is a number here, though Python and numpy would let them count
 
 
@@ -44,22 +46,6 @@ def _wrong_type(hint: str = "") -> _Refusal:
 
 def _wrong_value(hint: str = "") -> _Refusal:
     return _Refusal("ValueError", hint)
-
-
-def _show(bound: float) -> str:
-    """A bound as people write it: 0 and 1 rather than 0.0 and 1.0, 1e-14 as is."""
-    if isinstance(bound, numbers.Integral) or (float(bound).is_integer() and abs(bound) < 1e16):
-        return str(int(bound))
-    return repr(float(bound))
-
-
-def _interval(low: float, high: float, low_open: bool = False, high_open: bool = False) -> str:
-    """' in [0, 1]', ' > 0', ' <= 3', or '' for the whole line."""
-    if high == math.inf:
-        return "" if low == -math.inf else f" {'>' if low_open else '>='} {_show(low)}"
-    if low == -math.inf:
-        return f" {'<' if high_open else '<='} {_show(high)}"
-    return f" in {'(' if low_open else '['}{_show(low)}, {_show(high)}{')' if high_open else ']'}"
 
 
 def _as_float(value: numbers.Real) -> float:
@@ -148,7 +134,7 @@ class Number(Option):
         kind = "a finite number" if self.finite and unbounded else "a number"
         infinities = [] if self.finite else [s for s, x in (("-inf", -math.inf), ("inf", math.inf)) if self._holds(x)]
         extra = f" ({' and '.join(infinities)} included)" if infinities else ""
-        return kind + _interval(self.low, self.high, self.low_open, self.high_open) + extra
+        return kind + interval(self.low, self.high, self.low_open, self.high_open) + extra
 
     def _holds(self, x: float) -> bool:
         above = x > self.low if self.low_open else x >= self.low
@@ -175,7 +161,7 @@ class Integer(Option):
     high: float = math.inf
 
     def describe(self) -> str:
-        return "an int" + _interval(self.low, self.high)
+        return "an int" + interval(self.low, self.high)
 
     def errors(self) -> tuple[str, ...]:
         bounded = self.low > -math.inf or self.high < math.inf

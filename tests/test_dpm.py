@@ -177,8 +177,8 @@ def test_loops_do_not_sync(solver, monkeypatch):
 
 @pytest.mark.parametrize("solver", MULTISTEP)
 def test_data_prediction_is_taken_once_per_model_call(solver, monkeypatch):
-    """Every model call of a DPM-Solver++ solver asks for the x0 prediction, at the grid's times, once:
-    the executor's one conversion is the one place an x0 correction would apply."""
+    """Every model call of a DPM-Solver++ solver asks for the data prediction (as alpha x0), at the grid's
+    times, once: the executor's one conversion is the one place an x0 correction would apply."""
     calls = []
     original = ModelRun.predict
 
@@ -190,7 +190,7 @@ def test_data_prediction_is_taken_once_per_model_call(solver, monkeypatch):
     sde = sd.VPSDE.linear()
     _, info = sd.sample(sd.GaussianMixture.ring2d(sde), sde, shape=(4, 2), solver=solver, steps=9,
                         final_denoise=False, return_info=True, generator=torch.Generator().manual_seed(0))
-    assert calls == [(t, "x0") for t in info.times[:-1].tolist()] and info.nfe == 9
+    assert calls == [(t, "alpha_x0") for t in info.times[:-1].tolist()] and info.nfe == 9
 
 
 # ---- the SDE variant ------------------------------------------------------------------------------------

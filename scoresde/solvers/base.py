@@ -221,13 +221,19 @@ class ModelRun:
 
 
 def convert(out: torch.Tensor, have: str, kind: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
-    """A network's output of kind `have` at (x, t) as the prediction `kind` ("eps" or "x0"), converted
-    at most once with the alpha and sigma the plan holds (floats, or 0-d tensors)."""
+    """A network's output of kind `have` at (x, t) as the prediction `kind`, converted at most once with
+    the alpha and sigma the plan holds (floats, or 0-d tensors): "eps", "x0", or "alpha_x0" = alpha x0 =
+    x - sigma eps, one pass over the state fewer than x0 for a plan that folds 1/alpha into the
+    weights that read it."""
     if have == kind:
         return out
+    if kind == "alpha_x0" and have == "x0":
+        return out * alpha
     eps = out if have == "eps" else to_eps(have, out, x, alpha, sigma)
     if kind == "eps":
         return eps
+    if kind == "alpha_x0":
+        return torch.add(x, eps, alpha=-sigma) if isinstance(sigma, float) else torch.addcmul(x, eps, sigma, value=-1.0)
     # x0 = (x - sigma eps) / alpha: one fused multiply-add, then the division
     if isinstance(sigma, float):
         return torch.add(x, eps, alpha=-sigma).div_(alpha)

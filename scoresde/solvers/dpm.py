@@ -25,6 +25,7 @@ import torch
 
 from .base import register
 from .options import Flag
+from .plan import per_history
 
 # lower_order_final lowers the order of the last steps only below this step count, as diffusers'
 # DPMSolverMultistepScheduler does (Lu et al.'s own code uses 10). At or above it every step keeps the
@@ -174,14 +175,16 @@ def _multistep_weights(h, phi, max_order):
 
 def _multistep_plan(planner, max_order, lower_order_final, keep, weights, noise=None):
     """x_s = keep x_t + sum_j w_j x0_{i-j} (+ noise z), one x0 prediction per step; weights[k]: the
-    per-step vectors of order k's weights, newest prediction first."""
+    per-step vectors of order k's weights, newest prediction first. The history holds alpha x0 (one
+    pass fewer than x0), so each weight is divided by its prediction's alpha."""
+    alpha = planner.sde.alpha(planner.times[:-1])
     start = _grid_nodes(planner)
     keep = planner.values(keep)
     noise = [None] * planner.steps if noise is None else planner.values(noise)
-    weights = {k: [planner.values(w) for w in ws] for k, ws in weights.items()}
+    weights = {k: [planner.values(per_history(w, alpha, j)) for j, w in enumerate(ws)] for k, ws in weights.items()}
     history = []  # refs of the latest predictions, newest last
     for i, order in enumerate(_step_orders(planner.steps, max_order, lower_order_final)):
-        history = (history + [planner.stage(*(v[i] for v in start), "x0")])[-max_order:]
+        history = (history + [planner.stage(*(v[i] for v in start), "alpha_x0")])[-max_order:]
         terms = [(history[-1 - j], w[i]) for j, w in enumerate(weights[order])]
         planner.step(i, x=keep[i], terms=terms, noise=noise[i])
 

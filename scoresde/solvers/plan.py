@@ -10,8 +10,9 @@ of the state x at the step's start, model outputs out_j (of this step's stages, 
 steps: a multistep method's history) and the step's one noise draw z. The coefficients are computed
 with torch ops from the grid tensor: floats when nothing asks for gradients, and 0-d tensors when the
 grid requires grad under `grad=True`, so that samples are differentiable with respect to the times.
-Each stage names the prediction it wants ("eps" or "x0"); the executor converts the model's output
-once, with the alpha and sigma the plan already holds.
+Each stage names the prediction it wants ("eps", "x0", or "alpha_x0" = alpha x0 = x - sigma eps, which
+saves a pass over the state when the weights that read it carry the 1/alpha); the executor converts the
+model's output once, with the alpha and sigma the plan already holds.
 
 Runge-Kutta methods come from one engine (`runge_kutta`, Butcher tableaus) in the coordinates
 y = x/alpha, s = sigma/alpha where the probability-flow ODE reads dy/ds = eps (DDIM eq. 14).
@@ -101,6 +102,13 @@ class Plan:
         return sum(stage.kind is not None for step in self.steps for stage in step.stages)
 
 
+def per_history(weights: torch.Tensor, alpha: torch.Tensor, back: int) -> torch.Tensor:
+    """weights[i] / alpha[i - back]: per-step weights on the output `back` steps ago, for outputs of
+    kind "alpha_x0" taken at the steps' starts (alpha: per step). Steps too early to have that output
+    get alpha[0], never used."""
+    return weights / torch.cat([alpha[:1].expand(back), alpha[:len(alpha) - back]])
+
+
 def _is_zero(c) -> bool:
     return c is None or (isinstance(c, float) and c == 0.0)
 
@@ -143,7 +151,8 @@ class Planner:
             t: the time of the call (a float, or a 0-d tensor of a differentiable plan).
             alpha: alpha(t), for converting the model's output.
             sigma: sigma(t), likewise.
-            kind: the prediction wanted, "eps" or "x0" (converted once from what the model predicts).
+            kind: the prediction wanted, "eps", "x0" or "alpha_x0" (converted once from what the model
+                predicts).
             x: the coefficient of the state at the step's start.
             terms: (ref, coefficient) pairs of earlier outputs (this step's or a history's).
             noise: the coefficient of the step's draw z, or None.

@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .._util import F64, check_number, host_floats
+from .._util import F64, host_floats
 from .base import register
 from .options import Choice, Number
 from .plan import runge_kutta

@@ -94,7 +94,7 @@ def _calls_per_step(spec: Solver, options: dict) -> int:
 
 def _made_grid(fn: Callable, sde: VPSDE, steps: int, t_end: float) -> tuple[torch.Tensor, set]:
     """fn's grid, checked, and the dtypes it is known to be resolved in (empty when new)."""
-    key = (fn, sde, steps, t_end)
+    key = (fn, sde.schedule, steps, t_end)  # the schedule object: the math, even if an sde's is swapped
     if key in _GRIDS_MADE:
         _GRIDS_MADE.move_to_end(key)
         return _GRIDS_MADE[key]
@@ -330,7 +330,7 @@ def _plan(spec, sde, times, x, noise, final_denoise, options) -> tuple[Plan, lis
     planner = Planner(sde, times, x, noise)
     key = None
     if not planner.differentiable and planner.steps <= PLAN_CACHE_MAX_STEPS:
-        key = (spec.fn, sde, tuple(planner.t_host), final_denoise, x.dtype, x.device, type(noise),
+        key = (spec.fn, sde.schedule, tuple(planner.t_host), final_denoise, x.dtype, x.device, type(noise),
                tuple((name, _frozen(value)) for name, value in options.items()))
         if key in _PLANS:
             _PLANS.move_to_end(key)

@@ -8,7 +8,7 @@ import torch
 
 import scoresde as sd
 from scoresde.solvers.base import ModelRun
-from scoresde.solvers.pc import _one_step, _probe
+from scoresde.solvers.pc import _one_step
 from scoresde.solvers.plan import Planner
 
 F64 = torch.float64
@@ -120,7 +120,7 @@ def test_torchsde_nfe_is_exact_for_every_method(monkeypatch, method):
 
 def test_one_step_plans_are_told_from_multistep_ones_by_their_structure():
     one_step = {n for n in sd.SOLVERS if sd.SOLVERS[n].plans and n != "pc"
-                and _one_step(_probe(sd.SOLVERS[n], {}).plan.steps)}
+                and _one_step(sd.SOLVERS[n].probe(3, {}).plan.steps)}
     assert one_step == {"ancestral", "ddim", "dpm_solver_2", "dpm_solver_3", "edm", "euler", "euler_maruyama",
                         "heun", "rk4"}
 

@@ -86,7 +86,7 @@ GRID_CACHE_SIZE = 64
 
 
 def _calls_per_step(spec: Solver, options: dict) -> int:
-    key = (spec.fn, tuple((name, _frozen(value)) for name, value in options.items()))
+    key = (spec.fn, _options_key(options))
     if key not in _CALLS_PER_STEP:
         _CALLS_PER_STEP[key] = spec.calls_per_step(options)
     return _CALLS_PER_STEP[key]
@@ -320,9 +320,9 @@ PLAN_CACHE_SIZE = 32
 PLAN_CACHE_MAX_STEPS = 10_000  # longer plans are rebuilt each time rather than kept
 
 
-def _frozen(value):
-    """An option's value as a hashable key (pc's predictor_options is a mapping)."""
-    return tuple(sorted((k, _frozen(v)) for k, v in value.items())) if isinstance(value, Mapping) else value
+def _options_key(options: Mapping) -> tuple:
+    """Solver options as a hashable key (pc's predictor_options is itself a mapping)."""
+    return tuple(sorted((name, _options_key(v) if isinstance(v, Mapping) else v) for name, v in options.items()))
 
 
 def _plan(spec, sde, times, x, noise, final_denoise, options) -> tuple[Plan, list]:
@@ -331,7 +331,7 @@ def _plan(spec, sde, times, x, noise, final_denoise, options) -> tuple[Plan, lis
     key = None
     if not planner.differentiable and planner.steps <= PLAN_CACHE_MAX_STEPS:
         key = (spec.fn, sde.schedule, tuple(planner.t_host), final_denoise, x.dtype, x.device, type(noise),
-               tuple((name, _frozen(value)) for name, value in options.items()))
+               _options_key(options))
         if key in _PLANS:
             _PLANS.move_to_end(key)
             return _PLANS[key], planner.t_host

@@ -33,9 +33,9 @@ def _posterior_plan(planner, p, c_eps, c_z):
     ratio = p["alpha_s"] / p["alpha_t"]
     keep, eps_coef = (planner.values(v) for v in (ratio, c_eps - ratio * p["sigma_t"]))
     c_z = [None] * planner.steps if c_z is None else planner.values(c_z)  # None: no draws
-    t, alpha, sigma = (planner.values(v) for v in (planner.times[:-1], p["alpha_t"], p["sigma_t"]))
+    start = planner.nodes(planner.times[:-1])
     for i in range(planner.steps):
-        eps = planner.stage(t[i], alpha[i], sigma[i], "eps")
+        eps = planner.stage(*start[i], "eps")
         planner.step(i, x=keep[i], terms=[(eps, eps_coef[i])], noise=c_z[i])
 
 

@@ -56,13 +56,18 @@ class Solver:
         builder's are counted from a plan on a probe grid."""
         if not self.plans:
             return self.run_nfe(steps, {**self.options, **options})
+        return self.probe(steps, options).finish().nfe
+
+    def probe(self, steps: int, options: dict):
+        """A plan builder's plan (its Planner, unfinished) of `steps` steps on a probe grid: for what
+        a plan's shape tells (model calls, which outputs each step reads), not for sampling."""
         from ..sde import VPSDE
         from .plan import Planner
 
         planner = Planner(VPSDE.linear(), torch.linspace(1.0, 1e-3, steps + 1, dtype=torch.float64),
                           torch.zeros(1, 1))
         self.fn(planner, **{**self.options, **options})
-        return planner.finish().nfe
+        return planner
 
 
 SOLVERS: dict[str, Solver] = {}
@@ -189,7 +194,7 @@ class ModelRun:
         return eps if eps.dtype == x.dtype else eps.to(x.dtype)
 
     def predict(self, x: torch.Tensor, t, alpha, sigma, kind: str) -> torch.Tensor:
-        """The model's prediction of `kind` ("eps" or "x0") at (x, t), converted at most once with the
+        """The model's prediction of `kind` ("eps", "x0" or "alpha_x0") at (x, t), converted at most once with the
         alpha and sigma the caller holds (floats, or 0-d tensors of a differentiable plan)."""
         out = self._checked(self.denoiser._net(x, t), x, t)  # x and t come from the plan: no checks
         return convert(out, self.denoiser.prediction, kind, x, alpha, sigma)

@@ -63,18 +63,6 @@ R1_2 = 0.5  # DPM-Solver-2: the intermediate node at lambda_t + h/2 (the midpoin
 R1_3, R2_3 = 1.0 / 3.0, 2.0 / 3.0  # DPM-Solver-3: nodes at lambda_t + h/3 and lambda_t + 2h/3
 
 
-def _grid_nodes(planner):
-    """Per step, the start's time, alpha and sigma as the executor takes them."""
-    alpha, sigma = planner.sde.alpha_sigma(planner.times[:-1])
-    return [planner.values(v) for v in (planner.times[:-1], alpha, sigma)]
-
-
-def _inner_nodes(planner, lam):
-    """Per step, the time, alpha and sigma at the half log-SNRs lam inside the steps."""
-    t, log_alpha, log_sigma = _at_lambda(planner.sde, lam)
-    return [planner.values(v) for v in (t, torch.exp(log_alpha), torch.exp(log_sigma))]
-
-
 @register("dpm_solver_2", grid="quadratic")
 def dpm_solver_2(planner):
     """Single-step DPM-Solver-2 (Lu et al. 2022, Algorithm 1 with r1 = 1/2), second order:
@@ -83,7 +71,7 @@ def dpm_solver_2(planner):
     sde, times = planner.sde, planner.times
     lam, log_alpha, log_sigma, h = _schedule(sde, times)
     sigma = torch.exp(log_sigma)
-    _, log_alpha_m, log_sigma_m = _at_lambda(sde, lam[:-1] + R1_2 * h)
+    t_m, log_alpha_m, log_sigma_m = _at_lambda(sde, lam[:-1] + R1_2 * h)
     # the stage: u = keep_m x + a_m eps_t
     keep_m = torch.exp(log_alpha_m - log_alpha[:-1])
     a_m = -torch.exp(log_sigma_m) * torch.expm1(R1_2 * h)
@@ -92,11 +80,11 @@ def dpm_solver_2(planner):
     phi_1 = -sigma[1:] * torch.expm1(h)
     c_m = phi_1 / (2 * R1_2)
     c_t = phi_1 - c_m  # zero at r1 = 1/2: the midpoint rule needs eps_m only
-    start, mid = _grid_nodes(planner), _inner_nodes(planner, lam[:-1] + R1_2 * h)
+    start, mid = planner.nodes(times[:-1]), planner.nodes(t_m)
     keep_m, a_m, keep, c_t, c_m = (planner.values(v) for v in (keep_m, a_m, keep, c_t, c_m))
     for i in range(planner.steps):
-        eps_t = planner.stage(*(v[i] for v in start))
-        eps_m = planner.stage(*(v[i] for v in mid), x=keep_m[i], terms=[(eps_t, a_m[i])])
+        eps_t = planner.stage(*start[i])
+        eps_m = planner.stage(*mid[i], x=keep_m[i], terms=[(eps_t, a_m[i])])
         planner.step(i, x=keep[i], terms=[(eps_m, c_m[i]), (eps_t, c_t[i])])
 
 
@@ -110,8 +98,8 @@ def dpm_solver_3(planner):
     sde, times = planner.sde, planner.times
     lam, log_alpha, log_sigma, h = _schedule(sde, times)
     sigma = torch.exp(log_sigma)
-    _, log_alpha_1, log_sigma_1 = _at_lambda(sde, lam[:-1] + R1_3 * h)
-    _, log_alpha_2, log_sigma_2 = _at_lambda(sde, lam[:-1] + R2_3 * h)
+    t_1, log_alpha_1, log_sigma_1 = _at_lambda(sde, lam[:-1] + R1_3 * h)
+    t_2, log_alpha_2, log_sigma_2 = _at_lambda(sde, lam[:-1] + R2_3 * h)
     # u1 = keep_1 x + a_1 eps_t
     keep_1 = torch.exp(log_alpha_1 - log_alpha[:-1])
     a_1 = -torch.exp(log_sigma_1) * torch.expm1(R1_3 * h)
@@ -123,14 +111,14 @@ def dpm_solver_3(planner):
     keep = torch.exp(log_alpha[1:] - log_alpha[:-1])
     c_t = -sigma[1:] * torch.expm1(h)
     c_2 = -(sigma[1:] / R2_3) * (torch.expm1(h) / h - 1)
-    start = _grid_nodes(planner)
-    node_1, node_2 = _inner_nodes(planner, lam[:-1] + R1_3 * h), _inner_nodes(planner, lam[:-1] + R2_3 * h)
+    start = planner.nodes(times[:-1])
+    node_1, node_2 = planner.nodes(t_1), planner.nodes(t_2)
     keep_1, a_1, keep_2, a_2, b_2, keep, c_t, c_2 = (planner.values(v) for v in (
         keep_1, a_1, keep_2, a_2 - b_2, b_2, keep, c_t - c_2, c_2))
     for i in range(planner.steps):
-        eps_t = planner.stage(*(v[i] for v in start))
-        eps_1 = planner.stage(*(v[i] for v in node_1), x=keep_1[i], terms=[(eps_t, a_1[i])])
-        eps_2 = planner.stage(*(v[i] for v in node_2), x=keep_2[i], terms=[(eps_t, a_2[i]), (eps_1, b_2[i])])
+        eps_t = planner.stage(*start[i])
+        eps_1 = planner.stage(*node_1[i], x=keep_1[i], terms=[(eps_t, a_1[i])])
+        eps_2 = planner.stage(*node_2[i], x=keep_2[i], terms=[(eps_t, a_2[i]), (eps_1, b_2[i])])
         planner.step(i, x=keep[i], terms=[(eps_t, c_t[i]), (eps_2, c_2[i])])
 
 
@@ -178,13 +166,13 @@ def _multistep_plan(planner, max_order, lower_order_final, keep, weights, noise=
     per-step vectors of order k's weights, newest prediction first. The history holds alpha x0 (one
     pass fewer than x0), so each weight is divided by its prediction's alpha."""
     alpha = planner.sde.alpha(planner.times[:-1])
-    start = _grid_nodes(planner)
+    start = planner.nodes(planner.times[:-1])
     keep = planner.values(keep)
     noise = [None] * planner.steps if noise is None else planner.values(noise)
     weights = {k: [planner.values(per_history(w, alpha, j)) for j, w in enumerate(ws)] for k, ws in weights.items()}
     history = []  # refs of the latest predictions, newest last
     for i, order in enumerate(_step_orders(planner.steps, max_order, lower_order_final)):
-        history = (history + [planner.stage(*(v[i] for v in start), "alpha_x0")])[-max_order:]
+        history = (history + [planner.stage(*start[i], "alpha_x0")])[-max_order:]
         terms = [(history[-1 - j], w[i]) for j, w in enumerate(weights[order])]
         planner.step(i, x=keep[i], terms=terms, noise=noise[i])
 

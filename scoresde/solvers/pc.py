@@ -40,7 +40,6 @@ from types import MappingProxyType
 import torch
 
 from .._util import MAX_STEPS
-from ..sde import VPSDE
 from .base import _SUM_DTYPE, SOLVERS, BrownianNoise, register
 from .options import Choice, Integer, Number, Option, Table, _wrong_type, _wrong_value, validate
 from .plan import Planner
@@ -59,17 +58,10 @@ def _why_not(name) -> str | None:
         return " is pc itself"
     if not spec.plans:
         return " runs the whole solve itself (a bridge), so no corrector can step in between"
-    if not _one_step(_probe(spec, {}).plan.steps):
+    if not _one_step(spec.probe(3, {}).plan.steps):
         return (" is a multistep method: the corrector moves x off the trajectory that its history of model "
                 "outputs describes")
     return None
-
-
-def _probe(spec, options) -> Planner:
-    """The solver's plan (unfinished) on a small probe grid."""
-    planner = Planner(VPSDE.linear(), torch.linspace(1.0, 1e-3, 4, dtype=torch.float64), torch.zeros(1, 1))
-    spec.fn(planner, **{**spec.options, **options})
-    return planner
 
 
 def _one_step(steps) -> bool:
@@ -162,13 +154,13 @@ def pc(planner, predictor: str = "euler_maruyama", snr: float = 0.16, n_correcto
     # as ||g|| = ||eps|| / sigma; so the update is x - (e / sigma) eps + sqrt(2 e) z.
     e_unit = 2.0 * (alpha[:-1] / alpha[1:]) ** 2 * float(snr) ** 2 * sigma[1:] ** 2
     eps_coef, z_coef = planner.values(-e_unit / sigma[1:]), planner.values(torch.sqrt(2.0 * e_unit))
-    t, alpha, sigma = (planner.values(v) for v in (times[1:], alpha[1:], sigma[1:]))
+    ends = planner.nodes(times[1:])
     refs = {}
     for step in inner.plan.steps:
         i = step.index
         _copy_step(planner, step, refs, report=not n_corrector)
         for k in range(n_corrector):
-            eps = planner.stage(t[i], alpha[i], sigma[i], "eps")
+            eps = planner.stage(*ends[i], "eps")
             t_i = planner.t_host[i + 1]  # Langevin draws: no Brownian increment, so t0 = t1
             custom = _batch_update(eps_coef[i], z_coef[i], eps) if step_size == "batch" else None
             planner.step(i, terms=[(eps, eps_coef[i])], noise=z_coef[i], t0=t_i, t1=t_i,

@@ -127,6 +127,11 @@ class Planner:
         self._stages: list[Stage] = []
         self._outputs = 0
 
+    def nodes(self, t: torch.Tensor) -> list:
+        """Per element of the float64 times t, (t, alpha(t), sigma(t)) as the executor takes them: the
+        first three arguments of `stage`."""
+        return list(zip(*(self.values(v) for v in (t, *self.sde.alpha_sigma(t)))))
+
     def sibling(self) -> "Planner":
         """A fresh planner on the same schedule, grid and samples (to build another solver's plan)."""
         return Planner(self.sde, self.times, self._like, self.noise)
@@ -204,9 +209,7 @@ class Planner:
 
     def denoise(self):
         """The final denoising step: the model's x0 at the grid's last time (one more model call)."""
-        t = self.times[-1:]
-        alpha, sigma = self.sde.alpha_sigma(t)
-        ref = self.stage(self.values(t)[0], self.values(alpha)[0], self.values(sigma)[0], "x0")
+        ref = self.stage(*self.nodes(self.times[-1:])[0], "x0")
         end = self.t_host[-1]
         self.step(self.steps, x=0.0, terms=[(ref, 1.0)], t0=end, t1=end, report=False)
 

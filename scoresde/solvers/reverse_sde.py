@@ -19,13 +19,12 @@ def euler_maruyama(planner):
     x + dt (beta x / 2 - beta eps / sigma) + sqrt(beta dt) z)."""
     sde, times = planner.sde, planner.times
     t, dt = times[:-1], times[:-1] - times[1:]
-    alpha, sigma = sde.alpha_sigma(t)
     a, b = sde.drift_coefficients(t)
-    keep, eps_coef, noise_coef = (planner.values(v) for v in (1.0 - a * dt, b * dt / sigma,
+    keep, eps_coef, noise_coef = (planner.values(v) for v in (1.0 - a * dt, b * dt / sde.sigma(t),
                                                                 sde.diffusion(t) * torch.sqrt(dt)))
-    t, alpha, sigma = (planner.values(v) for v in (t, alpha, sigma))
+    start = planner.nodes(t)
     for i in range(planner.steps):
-        eps = planner.stage(t[i], alpha[i], sigma[i], "eps")
+        eps = planner.stage(*start[i], "eps")
         planner.step(i, x=keep[i], terms=[(eps, eps_coef[i])], noise=noise_coef[i])
 
 

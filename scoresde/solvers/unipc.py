@@ -124,16 +124,16 @@ def unipc(planner, order: int = 2, variant: str = "bh2", lower_order_final: bool
     pred, diff = ({k: [planner.values(per_history(w, alpha[:-1], j)) for j, w in enumerate(ws)]
                    for k, ws in d.items()} for d in (pred, diff))
     w_new = {k: planner.values(w / alpha[1:]) for k, w in w_new.items()}
-    nodes = [planner.values(v) for v in (times, alpha, sigma)]
+    nodes = planner.nodes(times)
     last = planner.steps - 1
-    history = [planner.stage(*(v[0] for v in nodes), "alpha_x0")]  # refs of m_i, m_{i-1}, ..., newest first
+    history = [planner.stage(*nodes[0], "alpha_x0")]  # refs of m_i, m_{i-1}, ..., newest first
     for i, k in enumerate(_step_orders(planner.steps, order, lower_order_final)):
         terms = [(history[j], pred[k][j][i]) for j in range(k)]
         if i == last:  # the last step needs no m_{i+1}: no model call, no corrector
             planner.step(i, x=keep[i], terms=terms)
             continue
         x_pred = planner.point(x=keep[i], terms=terms)
-        m_new = planner.stage(*(v[i + 1] for v in nodes), "alpha_x0", x=0.0, terms=[(x_pred, 1.0)])
+        m_new = planner.stage(*nodes[i + 1], "alpha_x0", x=0.0, terms=[(x_pred, 1.0)])
         if corrector:  # UniC, from the predictor's point: the call the next predictor needs anyway
             planner.step(i, x=0.0, terms=[(x_pred, 1.0), (m_new, w_new[k][i])] +
                          [(ref, diff[k][j][i]) for j, (ref, _) in enumerate(terms)])

@@ -5,7 +5,7 @@ from .grids import GRIDS
 from .guidance import (ClassifierFreeGuidance, ClassifierGuidance, Inpaint, X0Correction, dynamic_threshold,
                        static_threshold)
 from .likelihood import log_likelihood
-from .prediction import Denoiser
+from .prediction import Denoiser, Prediction, PredictionModel
 from .pretrained import load_model
 from .sde import VPSDE
 from .solvers import SOLVERS, BrownianNoise, GaussianNoise, SampleInfo, sample
@@ -14,7 +14,7 @@ from .chunked import ChunkedRun, load_samples, sample_to_disk  # noqa: E402 (aft
 __version__ = "0.1.0"
 
 __all__ = [
-    "VPSDE", "Denoiser", "sample", "SOLVERS", "GRIDS", "SampleInfo", "GaussianNoise", "BrownianNoise",
+    "VPSDE", "Denoiser", "Prediction", "PredictionModel", "sample", "SOLVERS", "GRIDS", "SampleInfo", "GaussianNoise", "BrownianNoise",
     "Gaussian", "GaussianMixture", "analytic", "grids", "nn", "prediction", "schedules", "load_model",
     "likelihood", "log_likelihood", "guidance", "ClassifierFreeGuidance", "ClassifierGuidance", "Inpaint",
     "X0Correction", "dynamic_threshold", "static_threshold",

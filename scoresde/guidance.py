@@ -1,11 +1,13 @@
-"""Guidance and conditioning as model wrappers: classifier-free and classifier guidance,
-inpainting by replacement, and an x0 correction hook (dynamic thresholding).
+"""Guidance and conditioning as transforms of predictions: classifier-free and classifier
+guidance, inpainting by replacement, and an x0 correction hook (dynamic thresholding).
 
-Each wrapper is itself an eps-model `model(x, t) -> eps` (t a (batch,) tensor of times, as
-`scoresde.sample` passes it), so every solver runs with it unchanged, and wrappers compose:
-`X0Correction(Inpaint(ClassifierFreeGuidance(net, sde, cond=3, scale=2.0), sde, known=..., mask=...),
-sde, dynamic_threshold())`. Arguments are checked when a wrapper is built, before any model
-call; a call reads nothing back to the host, so wrappers run inside sync-free sampling loops.
+Each transform is a `PredictionModel`: it takes the `Prediction` of the model it wraps and gives
+a new one, made in the kind that needs no conversion (classifier-free guidance combines in the
+network's own kind, `X0Correction` gives x0), so the solver converts at most once, to the kind it
+reads. Every solver runs with a transform unchanged, calling one still gives eps, and transforms
+compose: `X0Correction(Inpaint(ClassifierFreeGuidance(net, sde, cond=3, scale=2.0), sde, known=...,
+mask=...), sde, dynamic_threshold())`. Arguments are checked when a transform is built, before any
+model call; a call reads nothing back to the host, so transforms run inside sync-free loops.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from ._util import as_time, per_sample
-from .prediction import PREDICTIONS, Denoiser, eps_to_x0, score_to_eps, x0_to_eps
+from ._util import per_sample
+from .prediction import PREDICTIONS, Denoiser, Prediction, PredictionModel, as_model, score_to_eps
 from .sde import VPSDE
 
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "Inpaint", "X0Correction",
@@ -31,13 +33,6 @@ _INT64_MAX = 2**63 - 1  # labels are int64 tensors
 def _check_sde(sde):
     if not isinstance(sde, VPSDE):
         raise TypeError(f"sde={sde!r}: expected a scoresde.VPSDE")
-
-
-def _eps_model(model, sde) -> Denoiser:
-    """An eps-model as a Denoiser (which also unwraps diffusers-style `.sample` outputs)."""
-    if not callable(model):
-        raise TypeError(f"model={model!r}: expected a Denoiser or a callable model(x, t) -> eps")
-    return model if isinstance(model, Denoiser) else Denoiser(model, sde)
 
 
 def _check_scale(name, value) -> float:
@@ -80,12 +75,6 @@ def _batch_time(t, x) -> torch.Tensor:
     return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)
 
 
-def _alpha_sigma(sde: VPSDE, t: torch.Tensor, x: torch.Tensor):
-    """Per-sample alpha_t and sigma_t (float64 schedule math) broadcast against x."""
-    alpha, sigma = sde.alpha_sigma(as_time(t))
-    return per_sample(alpha, x), per_sample(sigma, x)
-
-
 class _Labels:
     """Per-sample labels for a batch, built once per (batch size, device) and kept."""
 
@@ -109,7 +98,7 @@ class _Labels:
 
 
 # ---- classifier-free guidance -----------------------------------------------------------------
-class ClassifierFreeGuidance:
+class ClassifierFreeGuidance(PredictionModel):
     """Classifier-free guidance (Ho & Salimans 2022): eps = eps(x, null) + scale (eps(x, cond) - eps(x, null)).
 
     Cost: each guided call is ONE network call on a doubled batch (the conditional and the null
@@ -126,9 +115,9 @@ class ClassifierFreeGuidance:
             larger values sharpen the conditional. Ho & Salimans' w is scale - 1.
         null: the null label; default `num_classes` (the convention of scoresde.nn networks).
         num_classes: the number of real labels, for checking `cond`; default `net.num_classes`.
-        prediction: what the network outputs, as for `Denoiser`. The combination is made in eps;
-            for x0, v or score outputs it is the same combination, as each is affine in eps at a
-            given (x, t).
+        prediction: what the network outputs, as for `Denoiser`. The combination is made in that
+            kind, with no conversion: it is the same combination for eps, x0, v and score, as
+            each is affine in eps at a given (x, t).
         time_input: which time the network takes, as for `Denoiser`.
         num_steps: the chain length of an index-time network, as for `Denoiser`.
     """
@@ -154,26 +143,29 @@ class ClassifierFreeGuidance:
             raise ValueError(f"prediction={prediction!r}: expected one of {PREDICTIONS}")
         self.scale = _check_scale("scale", scale)
         labels, _ = _check_labels("cond", cond, num_classes, int(null))
-        # Checks time_input and num_steps now, with the Denoiser's own messages.
-        self._options = dict(prediction=prediction, time_input=time_input, num_steps=num_steps)
-        Denoiser(net, sde, **self._options)
+        # The network with this call's labels; checks time_input and num_steps with the Denoiser's messages.
+        self._both = Denoiser(self._labelled_net, sde, prediction=prediction, time_input=time_input,
+                              num_steps=num_steps)
         self.net, self.sde, self.null, self.num_classes = net, sde, int(null), num_classes
-        self._labels = _Labels("cond", labels)
+        self._labels, self._y = _Labels("cond", labels), None
 
     def __repr__(self):
         return f"ClassifierFreeGuidance({type(self.net).__name__}, scale={self.scale}, null={self.null})"
 
-    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+    def _labelled_net(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        return self.net(x, time, self._y)
+
+    def forward(self, x: torch.Tensor, t, alpha=None, sigma=None) -> Prediction:
         batch = x.shape[0]
-        y = self._labels.get(batch, x.device, extra=self.null)  # cond labels, then null labels
-        t = _batch_time(t, x)
-        net = Denoiser(lambda xx, time: self.net(xx, time, y), self.sde, **self._options)
-        eps_cond, eps_null = net.eps(torch.cat([x, x]), torch.cat([t, t])).split(batch)
-        return eps_null + self.scale * (eps_cond - eps_null)  # = lerp; huge scales overflow to inf, no error
+        self._y = self._labels.get(batch, x.device, extra=self.null)  # cond labels, then null labels
+        both_t = torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.ndim == 1 else t
+        cond, null = self._both.forward(torch.cat([x, x]), both_t).value.split(batch)
+        # = lerp; huge scales overflow to inf, no error
+        return Prediction(self._both.prediction, null + self.scale * (cond - null), x, t, self.sde, alpha, sigma)
 
 
 # ---- classifier guidance ------------------------------------------------------------------------
-class ClassifierGuidance:
+class ClassifierGuidance(PredictionModel):
     """Classifier guidance (Dhariwal & Nichol 2021): score += scale * grad_x log p(target | x_t, t).
 
     In eps: eps = model(x, t) - scale * sigma_t * grad_x log p(target | x_t, t). The gradient is
@@ -182,7 +174,7 @@ class ClassifierGuidance:
     classifier.
 
     Args:
-        model: a `Denoiser` or a callable model(x, t) -> eps.
+        model: a `Denoiser`, another transform, or a callable model(x, t) -> eps.
         sde: its schedule.
         classifier: classifier(x, t) -> logits (batch, classes) of a classifier trained on noisy
             x_t (t a (batch,) tensor of times); log-probabilities work too (log_softmax leaves them
@@ -195,7 +187,7 @@ class ClassifierGuidance:
     def __init__(self, model: Callable, sde: VPSDE, classifier: Callable, *, target: int | torch.Tensor,
                  scale: float):
         _check_sde(sde)
-        self.model = _eps_model(model, sde)
+        self.model = as_model(model, sde)
         if not callable(classifier):
             raise TypeError(f"classifier={classifier!r}: expected a callable classifier(x, t) -> logits")
         self.scale = _check_scale("scale", scale)
@@ -225,11 +217,10 @@ class ClassifierGuidance:
             (grad,) = torch.autograd.grad(log_p.sum(), x_in)
         return grad.to(x.dtype)
 
-    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, alpha=None, sigma=None) -> Prediction:
         grad = self.grad_log_prob(x, t)  # first: a bad classifier fails before the model is called
-        t = _batch_time(t, x)
-        _, sigma = _alpha_sigma(self.sde, t, x)
-        return self.model(x, t) + score_to_eps(self.scale * grad, sigma)
+        p = self.model.forward(x, t, alpha, sigma)
+        return p.replaced("eps", p.eps + score_to_eps(self.scale * grad, p.sigma))
 
 
 # ---- inpainting -----------------------------------------------------------------------------------
@@ -238,7 +229,7 @@ def inpaint_result(x: torch.Tensor, known: torch.Tensor, mask: torch.Tensor) -> 
     return torch.where(mask.to(device=x.device, dtype=torch.bool), known.to(device=x.device, dtype=x.dtype), x)
 
 
-class Inpaint:
+class Inpaint(PredictionModel):
     """Inpainting / imputation by replacement (Song et al. 2021, Appendix I.2).
 
     The model sees x with its known coordinates (mask True) replaced by the forward-noised known
@@ -260,7 +251,7 @@ class Inpaint:
     on this).
 
     Args:
-        model: a `Denoiser` or a callable model(x, t) -> eps.
+        model: a `Denoiser`, another transform, or a callable model(x, t) -> eps.
         sde: its schedule.
         known: the known values, a tensor of the sample's full shape (batch, ...); values at free
             positions are ignored.
@@ -271,7 +262,7 @@ class Inpaint:
     def __init__(self, model: Callable, sde: VPSDE, *, known: torch.Tensor, mask: torch.Tensor,
                  generator: torch.Generator | None = None):
         _check_sde(sde)
-        self.model, self.sde = _eps_model(model, sde), sde
+        self.model, self.sde = as_model(model, sde), sde
         if not isinstance(known, torch.Tensor) or not known.is_floating_point() or known.ndim < 1:
             got = f"a {known.dtype} tensor" if isinstance(known, torch.Tensor) else type(known).__name__
             raise TypeError(f"known: expected a floating tensor of the sample's shape (batch, ...), got {got}")
@@ -317,11 +308,12 @@ class Inpaint:
         known, z, _ = self._like(like)
         return self.sde.marginal(known, _batch_time(t, like), z)
 
-    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t, alpha=None, sigma=None) -> Prediction:
         if x.shape != self.known.shape:
             raise ValueError(f"Inpaint: x has shape {tuple(x.shape)}, but known has {tuple(self.known.shape)}")
-        t = _batch_time(t, x)
-        return self.model(torch.where(self._like(x)[2], self.noised_known(t, x), x), t)
+        p = self.model.forward(torch.where(self._like(x)[2], self.noised_known(t, x), x), t, alpha, sigma)
+        # The same prediction, read at x: the free coordinates are x's; the known ones are set at the end.
+        return p.replaced(p.kind, p.value, x)
 
     def finalize(self, x: torch.Tensor) -> torch.Tensor:
         """The final sample with its known coordinates set exactly."""
@@ -329,23 +321,23 @@ class Inpaint:
 
 
 # ---- the x0 correction hook -----------------------------------------------------------------------
-class X0Correction:
-    """Correct the model's x0 estimate at every call: eps' = x0_to_eps(x, fn(x0_hat)) with
-    x0_hat = eps_to_x0(x, eps). Imagen's dynamic thresholding (Saharia et al. 2022) is one such fn.
+class X0Correction(PredictionModel):
+    """Correct the model's x0 estimate at every call: the prediction becomes x0 = fn(x0_hat), x0_hat
+    the model's x0. Imagen's dynamic thresholding (Saharia et al. 2022) is one such fn.
 
-    As a model wrapper it is honoured by every solver: data-prediction solvers (DDIM, ancestral,
+    As a transform it is honoured by every solver: data-prediction solvers (DDIM, ancestral,
     DPM-Solver++ ...) see fn(x0_hat) as their x0 estimate exactly, the others the eps it implies;
-    `sample(..., final_denoise=True)` then returns fn's output (to round-off).
+    `sample(..., final_denoise=True)` then returns fn's output exactly.
 
     Args:
-        model: a `Denoiser` or a callable model(x, t) -> eps.
+        model: a `Denoiser`, another transform, or a callable model(x, t) -> eps.
         sde: its schedule.
         fn: fn(x0) -> x0 of the same shape, e.g. `dynamic_threshold()` or `static_threshold()`.
     """
 
     def __init__(self, model: Callable, sde: VPSDE, fn: Callable):
         _check_sde(sde)
-        self.model, self.sde = _eps_model(model, sde), sde
+        self.model, self.sde = as_model(model, sde), sde
         if not callable(fn):
             raise TypeError(f"fn={fn!r}: expected a callable fn(x0) -> x0, e.g. dynamic_threshold()")
         self.fn = fn
@@ -353,14 +345,13 @@ class X0Correction:
     def __repr__(self):
         return f"X0Correction({getattr(self.fn, '__name__', type(self.fn).__name__)})"
 
-    def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        t = _batch_time(t, x)
-        alpha, sigma = _alpha_sigma(self.sde, t, x)
-        x0 = self.fn(eps_to_x0(x, self.model(x, t), alpha, sigma))
+    def forward(self, x: torch.Tensor, t, alpha=None, sigma=None) -> Prediction:
+        p = self.model.forward(x, t, alpha, sigma)
+        x0 = self.fn(p.x0)
         if not isinstance(x0, torch.Tensor) or x0.shape != x.shape:
             got = tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__
             raise ValueError(f"fn returned {got}; expected an x0 of the input's shape {tuple(x.shape)}")
-        return x0_to_eps(x, x0, alpha, sigma)
+        return p.replaced("x0", x0)
 
 
 def _check_finite(name, value, lo=-math.inf, hi=math.inf, lo_open=False):

@@ -66,9 +66,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ._util import F64, check_count, check_flag, host_floats
-from .prediction import Denoiser, declared_sample_shape
+from .prediction import as_model, declared_sample_shape
 from .sde import VPSDE
 from .solvers.ode import EULER, HEUN, RK4, check_tolerances
+from .solvers.plan import Planner, execute, runge_kutta
 
 DIVERGENCES = ("auto", "exact", "hutchinson")
 PROBE_KINDS = ("rademacher", "gaussian")
@@ -230,34 +231,35 @@ def _draw_probes(kind, count, like, dtype, generator):
 
 
 # ---- the two integrators: each returns (x_T, L) -------------------------------------------------
-def _fixed_step(eps_div, sde, x, ell, lam0, lam1, alpha0, alpha1, steps, tableau, bar):
-    """Explicit Runge-Kutta in s = sigma/alpha = exp(-lambda) on y = x/alpha (as the library's
-    fixed-step ODE solvers) on a grid uniform in lambda: dy/ds = eps, dL/ds = alpha div_x eps.
-    Every coefficient is a host float computed before the loop: the loop reads no device tensor.
-    `bar` (a tqdm of total `steps`) advances one per step, with the model calls so far."""
-    a, b, c = tableau
-    s = torch.exp(-torch.linspace(lam0, lam1, steps + 1, dtype=F64))
-    h = s[1:] - s[:-1]
-    stage_s = s[:-1, None] + h[:, None] * torch.tensor(c, dtype=F64)[None]  # (steps, stages)
-    stage_t = sde.t_from_log_snr(-torch.log(stage_s))
-    t_h, alpha_h, h_h = host_floats(stage_t), host_floats(sde.alpha(stage_t)), host_floats(h)
-    y = x / alpha0
-    for i in range(steps):
-        ks, ls = [], []
-        for j in range(len(b)):
-            yj = y
-            for m, a_jm in enumerate(a[j - 1] if j else ()):
-                if a_jm:
-                    yj = yj + (h_h[i] * a_jm) * ks[m]
-            eps, div = eps_div(yj * alpha_h[i][j], t_h[i][j])
-            ks.append(eps)
-            ls.append(div * alpha_h[i][j])
-        for k, l_, b_j in zip(ks, ls, b):
-            y = y + (h_h[i] * b_j) * k
-            ell = ell + (h_h[i] * b_j) * l_
+def _fixed_step(eps_div, sde, x, ell, t_eps, lam0, lam1, steps, tableau, bar):
+    """Explicit Runge-Kutta through the solvers' engine (`runge_kutta`, in s = sigma/alpha on y = x/alpha)
+    on a grid uniform in lambda from t_eps to T: dy/ds = eps, and dL/ds = alpha div_x eps adds, per
+    model call, its quadrature weight times alpha div_x eps. The plan's coefficients are host floats and
+    its executor reads no device tensor. `bar` (a tqdm of total `steps`) advances one per step."""
+    times = sde.t_from_log_snr(torch.linspace(lam0, lam1, steps + 1, dtype=F64))
+    times[0], times[-1] = t_eps, sde.T
+    planner = Planner(sde, times, x)
+    along = _Accumulated(eps_div, runge_kutta(planner, tableau), ell)
+
+    def advance(i, x_now):
         bar.set_postfix(nfe=eps_div.nfe, refresh=False)
         bar.update(1)
-    return y * alpha1, ell
+
+    return execute(planner.finish(), along, x, None, advance), along.ell
+
+
+class _Accumulated:
+    """The model as the plan executor calls it, with the log-density change L carried along: each
+    call gives eps and adds weight * alpha * div_x eps to L."""
+
+    def __init__(self, eps_div, weights, ell):
+        self.eps_div, self.weights, self.ell, self.calls, self.step = eps_div, weights, ell, 0, None
+
+    def predict(self, x, t, alpha, sigma, kind):
+        eps, div = self.eps_div(x, t)
+        self.ell = self.ell + (self.weights[self.calls] * alpha) * div
+        self.calls += 1
+        return eps
 
 
 def _adaptive(eps_div, sde, x, ell, r0, r1, lam0, rtol, atol, bar):
@@ -356,9 +358,7 @@ def log_likelihood(model: Callable, sde: VPSDE, x: torch.Tensor, *, t_eps: float
     """
     if not isinstance(sde, VPSDE):
         raise TypeError(f"sde={sde!r}: expected a scoresde.VPSDE")
-    if not callable(model):
-        raise TypeError(f"model={model!r}: expected a Denoiser or a callable model(x, t) -> eps")
-    denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sde)
+    denoiser = as_model(model, sde)
     _choice("divergence", divergence, DIVERGENCES)
     _choice("probe", probe, PROBE_KINDS)
     _choice("solver", solver, SOLVERS)
@@ -406,8 +406,7 @@ def log_likelihood(model: Callable, sde: VPSDE, x: torch.Tensor, *, t_eps: float
             r0, r1 = math.sqrt(-log_alpha0), math.sqrt(-log_alpha1)
             x_T, ell = _adaptive(eps_div, sde, state, ell, r0, r1, lam0, rtol, atol, bar)
         else:
-            x_T, ell = _fixed_step(eps_div, sde, state, ell, lam0, lam1, math.exp(log_alpha0), math.exp(log_alpha1),
-                                   steps, tableau, bar)
+            x_T, ell = _fixed_step(eps_div, sde, state, ell, t_eps, lam0, lam1, steps, tableau, bar)
 
     prior = sde.prior_logp(x_T).to(F64)
     delta = ell.to(F64).mean(1) + dim * (log_alpha1 - log_alpha0)

@@ -1,8 +1,9 @@
-"""Conversions between eps, score, x0 and v predictions, and the `Denoiser` model wrapper.
+"""Predictions of a diffusion model, their conversions, and the `Denoiser` model wrapper.
 
 With x = alpha x0 + sigma eps and alpha^2 + sigma^2 = 1:
 score = -eps / sigma,  x0 = (x - sigma eps) / alpha,  v = alpha eps - sigma x0.
-This module is the one place these conversions live.
+This module is the one place these conversions live. A model's output is a `Prediction`: the
+value the network gave, in its own kind, converted to another kind only when asked for it.
 """
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from ._util import F64, MAX_CHAIN, as_time, check_batch_time, check_count, check
 from .sde import VPSDE
 
 PREDICTIONS = ("eps", "x0", "v", "score")
+KINDS = PREDICTIONS + ("alpha_x0",)  # and alpha x0 = x - sigma eps, which multistep plans keep
 TIME_INPUTS = ("t", "index")
+Time = float | torch.Tensor  # a float, a 0-d tensor, or a (batch,) tensor of per-sample times
+Coef = float | torch.Tensor | None  # alpha_t or sigma_t: a float, a tensor broadcastable against x, or None
 
 
 # ---- conversions (alpha, sigma: Python floats or tensors broadcastable against x) ----------
@@ -64,6 +68,129 @@ def from_eps(prediction: str, eps, x, alpha, sigma):
     return eps_to_score(eps, sigma)
 
 
+def convert(value: torch.Tensor, have: str, want: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
+    """A prediction of kind `have` at x as kind `want`, in one conversion.
+
+    `want` may also be "alpha_x0" = alpha x0 = x - sigma eps: one pass over the state fewer than
+    x0, for a plan that folds 1/alpha into the weights that read it. eps to x0 is one fused
+    multiply-add, then the division.
+    """
+    if have == want:
+        return value
+    if want == "alpha_x0" and have == "x0":
+        return value * alpha
+    eps = to_eps(have, value, x, alpha, sigma)
+    if want not in ("x0", "alpha_x0"):
+        return from_eps(want, eps, x, alpha, sigma)
+    if isinstance(sigma, float):
+        alpha_x0 = torch.add(x, eps, alpha=-sigma)
+    else:
+        alpha_x0 = torch.addcmul(x, eps, sigma, value=-1.0)
+    return alpha_x0 if want == "alpha_x0" else alpha_x0.div_(alpha)
+
+
+def schedule_at(sde: VPSDE, t, x: torch.Tensor):
+    """(alpha_t, sigma_t) for samples x at time t: floats for a host time (float64 math on the CPU,
+    no device round trip), else tensors broadcast against x."""
+    if isinstance(t, (int, float)):
+        alpha, sigma = sde.alpha_sigma(torch.tensor(float(t), dtype=F64))
+        return float(alpha), float(sigma)
+    alpha, sigma = sde.alpha_sigma(as_time(t, device=x.device))
+    return per_sample(alpha, x), per_sample(sigma, x)
+
+
+class Prediction:
+    """A model's prediction at (x, t): the value it gave, in its own kind, converted on first use.
+
+    `eps`, `x0`, `score` and `v` each convert `value` at most once and keep the result. The
+    conversions use the alpha_t and sigma_t a solver holds (floats, or tensors that carry a
+    grid's gradient), or, when none are given, the schedule's at t.
+
+    Args:
+        kind: what `value` is: "eps", "x0", "v" or "score".
+        value: the prediction, a tensor of x's shape.
+        x: the point x_t it was made at.
+        t: its time: a float, a 0-d tensor, or a (batch,) tensor of per-sample times.
+        sde: the schedule, for alpha_t and sigma_t when they are not given.
+        alpha: alpha_t, a float or a tensor broadcastable against x; None: from `sde` at t.
+        sigma: sigma_t, likewise.
+    """
+
+    def __init__(self, kind: str, value: torch.Tensor, x: torch.Tensor, t: Time, sde: VPSDE, alpha: Coef = None,
+                 sigma: Coef = None):
+        self.kind, self.value, self.x, self.t, self.sde = kind, value, x, t, sde
+        self._schedule = None if alpha is None or sigma is None else (alpha, sigma)
+        self._as: dict[str, torch.Tensor] = {}
+
+    def __repr__(self):
+        return f"Prediction({self.kind!r}, shape={tuple(self.value.shape)})"
+
+    @property
+    def alpha(self):
+        """alpha_t: a float, or a tensor broadcastable against x."""
+        return self.schedule[0]
+
+    @property
+    def sigma(self):
+        """sigma_t: a float, or a tensor broadcastable against x."""
+        return self.schedule[1]
+
+    @property
+    def schedule(self) -> tuple:
+        """(alpha_t, sigma_t), computed from the schedule once if they were not given."""
+        if self._schedule is None:
+            self._schedule = schedule_at(self.sde, self.t, self.x)
+        return self._schedule
+
+    def as_kind(self, kind: str) -> torch.Tensor:
+        """The prediction as `kind` ("eps", "x0", "v", "score", or "alpha_x0" = alpha x0), in x's dtype."""
+        if kind not in self._as:
+            if not isinstance(kind, str) or kind not in KINDS:
+                raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
+            value = self.value
+            if kind != self.kind:
+                alpha, sigma = self.schedule
+                self._check_defined(kind, alpha, sigma)
+                value = convert(value, self.kind, kind, self.x, alpha, sigma)
+            self._as[kind] = value if value.dtype == self.x.dtype else value.to(self.x.dtype)
+        return self._as[kind]
+
+    def _check_defined(self, kind: str, alpha, sigma):
+        """Refuse a conversion that divides by a host alpha or sigma of 0 (floats only: a free check)."""
+        if isinstance(sigma, float) and sigma == 0 and (self.kind == "x0" or kind == "score"):
+            raise ValueError(f"t={self.t!r}: sigma(t) = 0 (the data end), where a {self.kind} prediction's {kind} "
+                             "is undefined; expected t > 0")
+        if isinstance(alpha, float) and alpha == 0 and kind in ("x0", "v"):  # both through x0 = (x - sigma eps)/alpha
+            raise ValueError(f"t={self.t!r}: alpha(t) = 0 (no signal left), where a {self.kind} prediction's {kind} "
+                             f"is undefined; expected a t where alpha > 0, such as t <= T = {self.sde.T}")
+
+    @property
+    def eps(self) -> torch.Tensor:
+        """The noise prediction."""
+        return self.as_kind("eps")
+
+    @property
+    def x0(self) -> torch.Tensor:
+        """The data prediction (x - sigma eps) / alpha."""
+        return self.as_kind("x0")
+
+    @property
+    def score(self) -> torch.Tensor:
+        """The score -eps / sigma."""
+        return self.as_kind("score")
+
+    @property
+    def v(self) -> torch.Tensor:
+        """The velocity alpha eps - sigma x0."""
+        return self.as_kind("v")
+
+    def replaced(self, kind: str, value: torch.Tensor, x: torch.Tensor | None = None) -> Prediction:
+        """A prediction of `kind` with `value` at the same time (and at `x` when given): what a
+        transform of predictions returns."""
+        at = self.x if x is None else x
+        return Prediction(kind, value, at, self.t, self.sde, *(self._schedule or (None, None)))
+
+
 def declared_sample_shape(model) -> tuple | None:
     """The per-sample shape a model declares, if it declares one (mixtures, our UNet and MLP)."""
     for obj in (model, getattr(model, "net", None)):
@@ -78,13 +205,79 @@ def declared_sample_shape(model) -> tuple | None:
     return None
 
 
-# ---- the wrapper ------------------------------------------------------------------------------
-class Denoiser:
-    """Wraps any network as an eps-model on continuous time t in [0, 1].
+# ---- models that give predictions -------------------------------------------------------------
+class PredictionModel:
+    """A model that gives a `Prediction`: `Denoiser`, and the transforms of `scoresde.guidance`.
 
-    Calling it gives eps; `x0`, `score`, `v` and `predict(kind, ...)` give the other predictions,
-    converted with the schedule's alpha_t and sigma_t. A network returning an object with a
-    `.sample` tensor (diffusers' UNet2DModel) also works.
+    A subclass sets `sde` and implements `forward`; solvers call `forward` with the (t, alpha_t,
+    sigma_t) they hold and ask the prediction for the kind they need. Calling the model gives
+    eps, so it is also a plain eps-model `model(x, t)`.
+    """
+
+    sde: VPSDE
+
+    def forward(self, x: torch.Tensor, t: Time, alpha: Coef = None, sigma: Coef = None) -> Prediction:
+        """The prediction at (x, t), unchecked (callers check x and t at the door).
+
+        Args:
+            x: the samples x_t, (batch, ...).
+            t: a float, a 0-d tensor, or a (batch,) tensor of per-sample times.
+            alpha: alpha_t as the caller holds it (a float or a tensor broadcastable against x),
+                or None: from the schedule at t.
+            sigma: sigma_t, likewise.
+        """
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor, t: Time) -> Prediction:
+        """The prediction at (x, t), with x and t checked.
+
+        Args:
+            x: the samples x_t, a tensor (batch, ...).
+            t: a float for every sample, or a 0-d or (batch,) tensor of times.
+
+        Returns:
+            A `Prediction`: `.eps`, `.x0`, `.score`, `.v`.
+        """
+        check_batch_time(t, check_tensor("x", x))
+        return self.forward(x, t)
+
+    def eps(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        """The noise prediction at (x, t)."""
+        return self.predict(x, t).eps
+
+    def x0(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        """The data prediction at (x, t)."""
+        return self.predict(x, t).x0
+
+    def score(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        """The score at (x, t)."""
+        return self.predict(x, t).score
+
+    def v(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        """The velocity prediction at (x, t)."""
+        return self.predict(x, t).v
+
+    def __call__(self, x: torch.Tensor, t: Time) -> torch.Tensor:
+        return self.eps(x, t)
+
+
+def as_model(model, sde: VPSDE, name: str = "model") -> PredictionModel:
+    """A `PredictionModel` as it is, or a plain callable model(x, t) -> eps as a `Denoiser`."""
+    if isinstance(model, PredictionModel):
+        return model
+    if not callable(model):
+        raise TypeError(f"{name}={model!r}: expected a Denoiser (or another PredictionModel) or a callable "
+                        "model(x, t) -> eps")
+    return Denoiser(model, sde)
+
+
+class Denoiser(PredictionModel):
+    """Wraps any network as a model on continuous time t in [0, 1].
+
+    `predict(x, t)` gives a `Prediction` (`.eps`, `.x0`, `.score`, `.v`); calling it gives eps,
+    and `eps`, `x0`, `score`, `v` give each prediction directly, converted with the schedule's
+    alpha_t and sigma_t. A network returning an object with a `.sample` tensor (diffusers'
+    UNet2DModel) also works.
 
     Args:
         net: the network, net(x, time) -> its prediction, of x's shape.
@@ -137,55 +330,10 @@ class Denoiser:
             t = self.sde.t_to_index(t, self.num_steps) - 1
         return t.to(x.dtype)
 
-    def _alpha_sigma(self, t, x):
-        if isinstance(t, (int, float)):  # host floats: CPU float64 math, no device round trip
-            alpha, sigma = self.sde.alpha_sigma(torch.tensor(float(t), dtype=F64))
-            return float(alpha), float(sigma)
-        alpha, sigma = self.sde.alpha_sigma(as_time(t, device=x.device))
-        return per_sample(alpha, x), per_sample(sigma, x)
-
-    def _raw(self, x, t):
-        check_batch_time(t, check_tensor("x", x))
-        return self._net(x, t)
-
-    def _net(self, x, t):
-        """The network's output at (x, t), unchecked: for callers that formed x and t themselves."""
+    def forward(self, x: torch.Tensor, t: Time, alpha: Coef = None, sigma: Coef = None) -> Prediction:
         out = self.net(x, self._net_time(t, x))
         if not isinstance(out, torch.Tensor):
             out = getattr(out, "sample", out)  # diffusers returns a UNet2DOutput
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"net (the model) returned {type(out).__name__}, expected a tensor")
-        return out
-
-    def predict(self, kind: str, x, t):
-        """The model's prediction of `kind` ("eps", "x0", "v", "score") at (x, t)."""
-        if not isinstance(kind, str) or kind not in PREDICTIONS:
-            raise ValueError(f"kind={kind!r}: expected one of {PREDICTIONS}")
-        out = self._raw(x, t)
-        if kind == self.prediction:
-            return out
-        alpha, sigma = self._alpha_sigma(t, x)
-        divides_by_sigma = self.prediction == "x0" or kind == "score"
-        if isinstance(sigma, float) and sigma == 0 and divides_by_sigma:  # host floats only: a free check
-            raise ValueError(f"t={t!r}: sigma(t) = 0 (the data end), where a {self.prediction} model's {kind} is "
-                             "undefined; expected t > 0")
-        if isinstance(alpha, float) and alpha == 0 and kind in ("x0", "v"):  # both go through x0 = (x - sigma eps)/alpha
-            raise ValueError(f"t={t!r}: alpha(t) = 0 (no signal left), where a {self.prediction} model's {kind} is "
-                             f"undefined; expected a t where alpha > 0, such as t <= T = {self.sde.T}")
-        return from_eps(kind, to_eps(self.prediction, out, x, alpha, sigma), x, alpha, sigma)
-
-    def eps(self, x, t):
-        if self.prediction == "eps":  # the common case, on every solver step: skip the conversion
-            return self._raw(x, t)
-        return self.predict("eps", x, t)
-
-    def x0(self, x, t):
-        return self.predict("x0", x, t)
-
-    def score(self, x, t):
-        return self.predict("score", x, t)
-
-    def v(self, x, t):
-        return self.predict("v", x, t)
-
-    __call__ = eps
+        return Prediction(self.prediction, out, x, t, self.sde, alpha, sigma)

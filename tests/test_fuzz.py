@@ -389,7 +389,7 @@ def test_denoiser(sde_name, wild, method, data):
     if verdict != "worked":
         return
     d = built["d"]
-    run = (lambda: d.predict(call["kind"], call["x"], call["t"])) if method == "predict" else \
+    run = (lambda: d.predict(call["x"], call["t"]).as_kind(call["kind"])) if method == "predict" else \
         (lambda: getattr(d, method)(call["x"], call["t"]))
     x = call["x"]
     shape = tuple(x.shape) if isinstance(x, torch.Tensor) else None

@@ -406,6 +406,87 @@ def test_wrappers_compose():
     assert torch.equal(x[:, 1], torch.zeros(n, dtype=F64)) and x.abs().max() <= 0.8 + 1e-9
 
 
+# ---- transforms of predictions: each made in the kind that needs no conversion -----------------------
+def x0_network(mix):
+    """The exact mixture as a network predicting x0 (the kind data-prediction solvers read)."""
+    def net(x, t):
+        alpha, sigma = SDE.alpha_sigma(t.to(F64))
+        return eps_to_x0(x, mix.eps(x, t), per_sample(alpha, x), per_sample(sigma, x))
+    return sd.Denoiser(net, SDE, prediction="x0")
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm_solver_pp_2m", "unipc", "heun"])
+def test_x0_correction_gives_the_solver_fns_x0_unconverted(solver):
+    """The final denoising step returns fn's x0 itself, not x0 -> eps -> x0 (which moves clipped values
+    off the bound by an ulp): every sample lies in [-0.3, 0.3] exactly, and many sit on the bound."""
+    model = X0Correction(x0_network(BROAD), SDE, static_threshold(-0.3, 0.3))
+    x = sd.sample(model, SDE, shape=(64, 2), dtype=F64, solver=solver, steps=6, generator=seed())
+    assert bool((x.abs() <= 0.3).all())
+    assert int((x.abs() == 0.3).sum()) > 10
+
+
+def test_transforms_of_an_x0_network_under_a_data_prediction_solver_never_convert_to_eps(monkeypatch):
+    """X0Correction over CFG over an x0 network, sampled by DPM-Solver++ (which reads alpha x0): the
+    guidance combines x0s, the correction reads and gives x0, the solver scales it by alpha; no call
+    goes through eps. A noise-prediction solver converts once per model call."""
+    conversions = []
+    to_eps = sd.prediction.to_eps
+    monkeypatch.setattr(sd.prediction, "to_eps", lambda *a: conversions.append(a[0]) or to_eps(*a))
+    cond = ConditionalMixture(BROAD)
+
+    def x0_cond(x, t, y):
+        alpha, sigma = SDE.alpha_sigma(t.to(F64))
+        return eps_to_x0(x, cond(x, t, y), per_sample(alpha, x), per_sample(sigma, x))
+
+    model = X0Correction(ClassifierFreeGuidance(x0_cond, SDE, cond=1, scale=2.0, null=2, prediction="x0"), SDE,
+                         dynamic_threshold())
+    x, info = sd.sample(model, SDE, shape=(8, 2), dtype=F64, solver="dpm_solver_pp_2m", steps=5, generator=seed(),
+                        return_info=True)
+    assert info.nfe == 6 and conversions == []
+    x, info = sd.sample(model, SDE, shape=(8, 2), dtype=F64, solver="heun", steps=5, generator=seed(),
+                        return_info=True)
+    assert conversions == ["x0"] * (info.nfe - 1)  # the final denoising step reads x0 as it is
+
+
+def test_cfg_combines_in_the_networks_own_kind():
+    """For an x0 network the guided prediction is the x0 combination, bit for bit, and its eps is that
+    combination's eps."""
+    net = ConditionalMixture(OVERLAP)
+    x, t = prior(4), torch.tensor([0.8, 0.4, 0.2, 0.05], dtype=F64)
+    alpha, sigma = (per_sample(c, x) for c in SDE.alpha_sigma(t))
+
+    def x0_net(xx, tt, y):
+        a, s = (per_sample(c, xx) for c in SDE.alpha_sigma(tt.to(F64)))
+        return eps_to_x0(xx, net(xx, tt, y), a, s)
+
+    guided = ClassifierFreeGuidance(x0_net, SDE, cond=1, scale=4.0, null=3, prediction="x0").predict(x, t)
+    x0_c, x0_u = x0_net(x, t, torch.full((4,), 1)), x0_net(x, t, torch.full((4,), 3))
+    assert guided.kind == "x0" and torch.equal(guided.x0, x0_u + 4.0 * (x0_c - x0_u))
+    torch.testing.assert_close(guided.eps, sd.prediction.x0_to_eps(x, guided.x0, alpha, sigma), rtol=0, atol=0)
+
+
+class Tempered(sd.PredictionModel):
+    """A user's transform: the score divided by a temperature (sharper for temperature < 1)."""
+
+    def __init__(self, model, sde, temperature):
+        self.model, self.sde, self.temperature = model, sde, temperature
+
+    def forward(self, x, t, alpha=None, sigma=None):
+        p = self.model.forward(x, t, alpha, sigma)
+        return p.replaced("score", p.score / self.temperature)
+
+
+@pytest.mark.parametrize("solver", ["ddim", "dpm_solver_pp_3m", "unipc", "pc", "euler_maruyama", "dopri5"])
+def test_a_users_transform_runs_under_every_kind_of_solver(solver):
+    """A PredictionModel subclass with only `forward` samples like the plain eps-model it is equal to."""
+    plain = lambda x, t: BROAD.eps(x, t) / 0.7  # noqa: E731
+    kw = dict(shape=(16, 2), dtype=F64, solver=solver, generator=seed())
+    kw.update({"rtol": 1e-6, "atol": 1e-6} if sd.SOLVERS[solver].adaptive else {"steps": 6})
+    got = sd.sample(Tempered(sd.Denoiser(BROAD, SDE), SDE, 0.7), SDE, **kw)
+    kw["generator"] = seed()
+    torch.testing.assert_close(got, sd.sample(plain, SDE, **kw), rtol=1e-9, atol=1e-9)
+
+
 # ---- no host reads in a call: the wrappers run on the meta device ----------------------------------
 FIXED_STEP = [n for n, s in sd.SOLVERS.items() if not s.adaptive and n != "torchsde"]
 

@@ -138,7 +138,7 @@ def test_denoiser_recovers_eps_for_every_prediction_kind(kind, sde_name):
     torch.testing.assert_close(den.eps(x, t), exact_eps(sde, x, t), **tol)
     torch.testing.assert_close(den(x, t), exact_eps(sde, x, t), **tol)
     for other in KINDS:
-        torch.testing.assert_close(den.predict(other, x, t), exact_kind(other, sde, x, t), **tol)
+        torch.testing.assert_close(getattr(den.predict(x, t), other), exact_kind(other, sde, x, t), **tol)
     torch.testing.assert_close(den.x0(x, t), exact_kind("x0", sde, x, t), **tol)
     torch.testing.assert_close(den.score(x, t), exact_kind("score", sde, x, t), **tol)
     torch.testing.assert_close(den.v(x, t), exact_kind("v", sde, x, t), **tol)

@@ -11,7 +11,7 @@ import torch
 
 from .._util import F64, MAX_SAMPLING_STEPS, check_count, check_device, check_flag, check_shape, check_tensor
 from ..grids import GRIDS
-from ..prediction import Denoiser, declared_sample_shape
+from ..prediction import as_model, declared_sample_shape
 from ..sde import VPSDE
 from .base import SOLVERS, BrownianNoise, GaussianNoise, ModelRun, Solver, register
 from .options import catalogue_rows, validate
@@ -214,7 +214,8 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
     The whole input is checked before the first model call (see the validation catalogue).
 
     Args:
-        model: a `Denoiser`, or a callable model(x, t) -> eps with t a (batch,) tensor of times.
+        model: a `Denoiser` (or a guidance transform, any `PredictionModel`), or a callable
+            model(x, t) -> eps with t a (batch,) tensor of times.
         sde: the schedule the model was trained on.
         shape: (batch, ...) of the samples to draw; or give `x_T`.
         x_T: the starting points at T (finite; at least one dimension after the batch).
@@ -252,8 +253,7 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
     """
     if not isinstance(sde, VPSDE):
         raise TypeError(f"sde={sde!r}: expected a scoresde.VPSDE")
-    if not callable(model):
-        raise TypeError(f"model={model!r}: expected a Denoiser or a callable model(x, t) -> eps")
+    model = as_model(model, sde)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback={callback!r}: expected a callable callback(i, t, x) or None")
     for name, flag in (("final_denoise", final_denoise), ("progress", progress), ("return_info", return_info),
@@ -290,13 +290,11 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         _check_resolved(sde, times, x.dtype)
         resolved.add(x.dtype)
 
-    denoiser = model if isinstance(model, Denoiser) else Denoiser(model, sde)
     with torch.set_grad_enabled(grad):
         if spec.plans:
-            x, run = _run_plan(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, compile,
-                               options)
+            x, run = _run_plan(spec, model, sde, times, x, noise, final_denoise, progress, callback, compile, options)
         else:
-            x, run = _run_whole(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options)
+            x, run = _run_whole(spec, model, sde, times, x, noise, final_denoise, progress, callback, options)
     run.check_finite()
     if return_info:
         return x, SampleInfo(run.nfe, spec.name, None if spec.adaptive else len(times) - 1, times.detach().clone())
@@ -346,25 +344,24 @@ def _plan(spec, sde, times, x, noise, final_denoise, options) -> tuple[Plan, lis
     return plan, planner.t_host
 
 
-def _run_plan(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, compile, options):
+def _run_plan(spec, model, sde, times, x, noise, final_denoise, progress, callback, compile, options):
     """Build (or reuse) the solver's plan, then execute it (compiled or not)."""
     plan, t_host = _plan(spec, sde, times, x, noise, final_denoise, options)
     if compile:
-        run = ModelRun(denoiser, sde)
+        run = ModelRun(model, sde)
         return execute_compiled(plan, run, x, noise), run
-    run = ModelRun(denoiser, sde, progress=progress, total=plan.nfe)
+    run = ModelRun(model, sde, progress=progress, total=plan.nfe)
     return execute(plan, run, x, noise, _reporter(run, t_host, callback)), run
 
 
-def _run_whole(spec, denoiser, sde, times, x, noise, final_denoise, progress, callback, options):
+def _run_whole(spec, model, sde, times, x, noise, final_denoise, progress, callback, options):
     """An adaptive solver or a bridge, which runs the whole solve itself; then the final denoising step."""
     t_host = times.detach().tolist()  # sync: none, a CPU grid
     total = None if spec.adaptive else spec.calls(len(times) - 1, options) + final_denoise
-    run = ModelRun(denoiser, sde, progress=progress, total=total)
+    run = ModelRun(model, sde, progress=progress, total=total)
     x = spec.fn(run, x, times, noise=noise, callback=_reporter(run, t_host, callback), **options)
     if final_denoise:
-        alpha, sigma = sde.alpha_sigma(times[-1].detach())
-        x = run.predict(x, t_host[-1], float(alpha), float(sigma), "x0")
+        x = run.predict(x, t_host[-1], None, None, "x0")
     return x, run
 
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .._util import check_count, check_flag, check_number, check_shape, per_sample
 from ..grids import GRIDS
-from ..prediction import Denoiser, to_eps
+from ..prediction import PredictionModel
 from .options import Option, check_declarations
 
 # The arguments of a whole-run solver (adaptive ones and bridges); a plan builder takes (planner, **options).
@@ -152,8 +152,9 @@ def _where(step, t) -> str:
 
 
 class ModelRun:
-    """The model as one sampling run sees it: eps(x, t) with t a Python float or a 0-d tensor, or
-    a (batch,) tensor of per-sample times (adaptive_sde).
+    """The model as one sampling run sees it: `predict(x, t, alpha, sigma, kind)` for plans, eps(x, t)
+    for whole-run solvers, with t a Python float or a 0-d tensor, or a (batch,) tensor of per-sample
+    times (adaptive_sde).
 
     Counts model calls (NFE), checks the output's shape at once and its finiteness without a
     host round trip (the flags are read once, after the loop, by `check_finite`), and drives
@@ -161,8 +162,8 @@ class ModelRun:
     solvers that do not step on a grid: adaptive ones and bridges).
     """
 
-    def __init__(self, denoiser: Denoiser, sde, *, progress: bool = False, total: int | None = None):
-        self.denoiser, self.sde, self.step = denoiser, sde, 0
+    def __init__(self, model: PredictionModel, sde, *, progress: bool = False, total: int | None = None):
+        self.model, self.sde, self.step = model, sde, 0
         self._calls: list[tuple] = []  # (sum of the output, step, t) per call, read after the loop
         self._last_rows = None  # per-sample sums of the latest output, kept for per-sample times only
         self._bar = tqdm(total=total, unit="NFE", leave=False) if progress else None
@@ -172,32 +173,33 @@ class ModelRun:
         return len(self._calls)
 
     def __call__(self, x: torch.Tensor, t) -> torch.Tensor:
-        return self._checked(self.denoiser.eps(x, t), x, t)
+        return self.predict(x, t, None, None, "eps")
 
-    def _checked(self, eps: torch.Tensor, x: torch.Tensor, t) -> torch.Tensor:
-        """The output, after checking its shape and device and noting its sum (for `check_finite`)."""
-        if eps.shape != x.shape:
-            raise ValueError(f"model output has shape {tuple(eps.shape)}, expected the input's "
+    def predict(self, x: torch.Tensor, t, alpha, sigma, kind: str) -> torch.Tensor:
+        """The model's prediction of `kind` ("eps", "x0" or "alpha_x0") at (x, t), converted at most once
+        with the alpha and sigma the caller holds (floats, 0-d tensors of a differentiable plan, or
+        None: from the schedule). x and t come from the solver: not checked again."""
+        prediction = self.model.forward(x, t, alpha, sigma)
+        self._note(prediction.value, x, t)
+        return prediction.as_kind(kind)
+
+    def _note(self, out: torch.Tensor, x: torch.Tensor, t):
+        """Check the output's shape and device and note its sum (for `check_finite`)."""
+        if out.shape != x.shape:
+            raise ValueError(f"model output has shape {tuple(out.shape)}, expected the input's "
                              f"{tuple(x.shape)} ({_where(self.step, t)})")
-        if eps.device != x.device or eps.is_complex():
-            raise ValueError(f"model output is a {eps.dtype} tensor on {eps.device}, expected a real one on the "
+        if out.device != x.device or out.is_complex():
+            raise ValueError(f"model output is a {out.dtype} tensor on {out.device}, expected a real one on the "
                              f"input's device {x.device} ({_where(self.step, t)})")
         # A sum is NaN or inf whenever an element is, and costs one pass where isfinite() costs
         # several; half-precision outputs are summed in float32 so the sum cannot overflow.
         # With per-sample times (adaptive_sde) the per-sample sums are kept too, to name the sample.
-        sum_dtype = _SUM_DTYPE.get(eps.dtype)
-        rows = eps.flatten(1).sum(1, dtype=sum_dtype) if _per_sample_times(t) else None
-        self._calls.append((eps.sum(dtype=sum_dtype) if rows is None else rows.sum(), self.step, t))
+        sum_dtype = _SUM_DTYPE.get(out.dtype)
+        rows = out.flatten(1).sum(1, dtype=sum_dtype) if _per_sample_times(t) else None
+        self._calls.append((out.sum(dtype=sum_dtype) if rows is None else rows.sum(), self.step, t))
         self._last_rows = rows
         if self._bar is not None:
             self._bar.update()
-        return eps if eps.dtype == x.dtype else eps.to(x.dtype)
-
-    def predict(self, x: torch.Tensor, t, alpha, sigma, kind: str) -> torch.Tensor:
-        """The model's prediction of `kind` ("eps", "x0" or "alpha_x0") at (x, t), converted at most once with the
-        alpha and sigma the caller holds (floats, or 0-d tensors of a differentiable plan)."""
-        out = self._checked(self.denoiser._net(x, t), x, t)  # x and t come from the plan: no checks
-        return convert(out, self.denoiser.prediction, kind, x, alpha, sigma)
 
     def check_last(self):
         """Raise now if the latest model output held NaN or inf: for adaptive solvers and bridges,
@@ -223,26 +225,6 @@ class ModelRun:
             call = int((~finite).nonzero()[0])
             _, step, t = self._calls[call]
             raise FloatingPointError(f"the model returned NaN or inf at model call {call + 1} ({_where(step, t)})")
-
-
-def convert(out: torch.Tensor, have: str, kind: str, x: torch.Tensor, alpha, sigma) -> torch.Tensor:
-    """A network's output of kind `have` at (x, t) as the prediction `kind`, converted at most once with
-    the alpha and sigma the plan holds (floats, or 0-d tensors): "eps", "x0", or "alpha_x0" = alpha x0 =
-    x - sigma eps, one pass over the state fewer than x0 for a plan that folds 1/alpha into the
-    weights that read it."""
-    if have == kind:
-        return out
-    if kind == "alpha_x0" and have == "x0":
-        return out * alpha
-    eps = out if have == "eps" else to_eps(have, out, x, alpha, sigma)
-    if kind == "eps":
-        return eps
-    if kind == "alpha_x0":
-        return torch.add(x, eps, alpha=-sigma) if isinstance(sigma, float) else torch.addcmul(x, eps, sigma, value=-1.0)
-    # x0 = (x - sigma eps) / alpha: one fused multiply-add, then the division
-    if isinstance(sigma, float):
-        return torch.add(x, eps, alpha=-sigma).div_(alpha)
-    return torch.addcmul(x, eps, sigma, value=-1.0).div_(alpha)
 
 
 class GaussianNoise:

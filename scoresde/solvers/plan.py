@@ -312,7 +312,10 @@ def runge_kutta(planner: Planner, tableau, start: Start | None = None):
     """Explicit Runge-Kutta on dy/ds = eps, written in x: stage j of step i evaluates eps at
     x_ij = (alpha_ij/alpha_i) x_i + sum_m alpha_ij h_i a_jm k_m and t_ij = t(s_i + c_j h_i), and the step
     ends at x_{i+1} = (alpha_{i+1}/alpha_i) x_i + sum_j alpha_{i+1} h_i b_j k_j. With a `start`, step i
-    starts from s_i = exp(-lam_i) at t_i with y raised by n_i z: every point gains alpha n_i z."""
+    starts from s_i = exp(-lam_i) at t_i with y raised by n_i z: every point gains alpha n_i z.
+
+    Returns the weight h_i b_j of each model call, in call order: its share of the integral over s
+    that the step takes (what an integral carried along the ODE, like the likelihood's, adds up)."""
     a, b, c = tableau
     sde, times = planner.sde, planner.times
     alpha, sigma = sde.alpha_sigma(times)
@@ -338,3 +341,4 @@ def runge_kutta(planner: Planner, tableau, start: Start | None = None):
         _, _, _, keep, weight, end_noise = (v[i] for v in nodes[1.0])
         planner.step(i, x=keep, terms=[(ref, weight * b_j) for ref, b_j in zip(refs, b)],
                      noise=end_noise if churned[i] else None)
+    return [h_i * b_j for h_i in planner.values(h) for b_j in b]

@@ -116,6 +116,8 @@ class Prediction:
         sigma: sigma_t, likewise.
     """
 
+    __slots__ = ("kind", "value", "x", "t", "sde", "_schedule", "_as")
+
     def __init__(self, kind: str, value: torch.Tensor, x: torch.Tensor, t: Time, sde: VPSDE, alpha: Coef = None,
                  sigma: Coef = None):
         self.kind, self.value, self.x, self.t, self.sde = kind, value, x, t, sde
@@ -144,16 +146,20 @@ class Prediction:
 
     def as_kind(self, kind: str) -> torch.Tensor:
         """The prediction as `kind` ("eps", "x0", "v", "score", or "alpha_x0" = alpha x0), in x's dtype."""
-        if kind not in self._as:
+        got = self._as.get(kind) if type(kind) is str else None
+        if got is None:
+            got = self._as[kind] = self._converted(kind)
+        return got
+
+    def _converted(self, kind: str) -> torch.Tensor:
+        value = self.value
+        if kind != self.kind:
             if not isinstance(kind, str) or kind not in KINDS:
                 raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
-            value = self.value
-            if kind != self.kind:
-                alpha, sigma = self.schedule
-                self._check_defined(kind, alpha, sigma)
-                value = convert(value, self.kind, kind, self.x, alpha, sigma)
-            self._as[kind] = value if value.dtype == self.x.dtype else value.to(self.x.dtype)
-        return self._as[kind]
+            alpha, sigma = self.schedule
+            self._check_defined(kind, alpha, sigma)
+            value = convert(value, self.kind, kind, self.x, alpha, sigma)
+        return value if value.dtype == self.x.dtype else value.to(self.x.dtype)
 
     def _check_defined(self, kind: str, alpha, sigma):
         """Refuse a conversion that divides by a host alpha or sigma of 0 (floats only: a free check)."""

@@ -1,7 +1,7 @@
 """scoresde: score-based diffusion models where the DDPM chain and the VP-SDE are one object."""
 from . import analytic, grids, guidance, likelihood, nn, prediction, schedules
 from .analytic import Gaussian, GaussianMixture
-from .grids import GRIDS
+from .grids import GRIDS, TunedGrid
 from .guidance import (ClassifierFreeGuidance, ClassifierGuidance, Inpaint, X0Correction, dynamic_threshold,
                        static_threshold)
 from .likelihood import log_likelihood
@@ -10,6 +10,7 @@ from .pretrained import load_model
 from .sde import VPSDE
 from .solvers import SOLVERS, BrownianNoise, GaussianNoise, SampleInfo, sample
 from .chunked import ChunkedRun, load_samples, sample_to_disk  # noqa: E402 (after solvers)
+from .tuning import tune_grid  # noqa: E402 (after solvers)
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,5 @@ __all__ = [
     "Gaussian", "GaussianMixture", "analytic", "grids", "nn", "prediction", "schedules", "load_model",
     "likelihood", "log_likelihood", "guidance", "ClassifierFreeGuidance", "ClassifierGuidance", "Inpaint",
     "X0Correction", "dynamic_threshold", "static_threshold",
-    "sample_to_disk", "load_samples", "ChunkedRun",
+    "sample_to_disk", "load_samples", "ChunkedRun", "tune_grid", "TunedGrid",
 ]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .._util import F64, MAX_SAMPLING_STEPS, check_count, check_device, check_flag, check_shape, check_tensor
-from ..grids import GRIDS
+from ..grids import GRIDS, TunedGrid
 from ..prediction import as_model, declared_sample_shape
 from ..sde import VPSDE
 from .base import SOLVERS, BrownianNoise, GaussianNoise, ModelRun, Solver, register
@@ -202,7 +202,8 @@ def _check_resolved(sde: VPSDE, times: torch.Tensor, dtype: torch.dtype):
 
 
 def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x_T: torch.Tensor | None = None,
-           solver: str = "heun", steps: int | None = None, grid: str | Callable | torch.Tensor | None = None,
+           solver: str = "heun", steps: int | None = None,
+           grid: str | Callable | torch.Tensor | TunedGrid | None = None,
            t_end: float | None = None, final_denoise: bool = True,
            generator: torch.Generator | Sequence[torch.Generator] | None = None, noise: Callable | None = None,
            dtype: torch.dtype | None = None, device: str | torch.device | None = None,
@@ -222,7 +223,8 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         solver: a name in `SOLVERS`.
         steps: steps of a fixed-step solver (default: about 50 model calls); at most 10^5.
         grid: "uniform", "quadratic", "log_snr", "karras", a callable grid(sde, steps, t_start,
-            t_end), or an explicit decreasing tensor of times (default: the solver's own).
+            t_end), an explicit decreasing tensor of times, or a `TunedGrid` (checked against
+            the run: solver, options, model calls, schedule) (default: the solver's own).
             Adaptive solvers ("dopri5", "rk45", "adaptive_sde") take neither steps nor grid.
         t_end: where the solver stops (default: sde.t_min); the schedule must resolve it in the
             samples' dtype.
@@ -267,6 +269,9 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         raise ValueError("callback: compile=True runs the whole loop as one compiled graph, which a callback "
                          "would break; drop the callback or compile")
     options = validate(spec.name, spec.declared, spec.options, options)
+    if isinstance(grid, TunedGrid):
+        grid.check(spec.name, options, spec.calls(grid.steps, options) + final_denoise, sde)
+        grid = grid.times
     times, resolved = _time_grid(spec, sde, steps, grid, t_end, options)
     t_host = times.detach().tolist()  # sync: none, the grid lives on the CPU
     if noise is None:

@@ -147,7 +147,7 @@ def _where(step, t) -> str:
         lo, hi = float(t.min()), float(t.max())
         at = f"t={lo:.6g}" if lo == hi else f"t={lo:.6g} to {hi:.6g} across the batch"
     else:
-        at = f"t={float(t):.6g}"
+        at = f"t={float(t.detach() if isinstance(t, torch.Tensor) else t):.6g}"
     return at if step is None else f"step {step}, {at}"
 
 

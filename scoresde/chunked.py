@@ -39,6 +39,7 @@ from .solvers import sample
 from ._lock import FolderLockedError, folder_lock
 from ._util import as_path, check_count
 from .files import CheckpointError, config_differences, write_atomic
+from .grids import TunedGrid
 
 __all__ = ["ChunkedRun", "FolderLockedError", "load_samples", "sample_to_disk", "sample_seed"]
 
@@ -91,6 +92,8 @@ def _recordable(name: str, value):
         return value
     if isinstance(value, torch.dtype):
         return str(value)
+    if isinstance(value, TunedGrid):  # checked against the run by `sample`; its times are what matter
+        value = value.times
     if isinstance(value, torch.Tensor) and value.ndim == 1:  # an explicit grid of times
         return value.detach().to("cpu", torch.float64).tolist()
     raise TypeError(f"{name}={value!r}: sample_to_disk records its arguments to resume a run, and a "

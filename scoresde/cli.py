@@ -1,4 +1,4 @@
-"""The `scoresde` command: sample, train, likelihood, bench, presets, export."""
+"""The `scoresde` command: sample, tune, train, likelihood, bench, presets, export."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--solver", default="heun", choices=sorted(SOLVERS), help="solver (default: heun)")
     s.add_argument("--steps", type=positive_int_argument, default=None,
                    help="steps of a fixed-step solver (default: about 50 model calls)")
-    s.add_argument("--grid", default=None, choices=sorted(GRIDS), help="time grid (default: the solver's)")
+    s.add_argument("--grid", default=None,
+                   help=f"time grid: one of {', '.join(sorted(GRIDS))}, or a tuned grid file (.json, from scoresde "
+                        "tune) (default: the solver's; with --steps, a tuned grid shipped with the model when one "
+                        "matches the solver and step count)")
     s.add_argument("--n", type=positive_int_argument, default=None, help="number of samples (default: 64; 4000 for mixture)")
     s.add_argument("--seed", type=seed_argument, default=0, help="random seed (default: 0)")
     s.add_argument("--device", default="cpu", type=device_argument, help="torch device (default: cpu)")
@@ -57,6 +60,20 @@ def _parser() -> argparse.ArgumentParser:
                         "afresh (without it, or --resume, a run folder that holds checkpoints is refused)")
     t.add_argument("--device", default=None, type=device_argument,
                    help="torch device (default: cuda if available, else cpu)")
+
+    u = commands.add_parser(
+        "tune", help="learn a solver's time grid for a model at a number of model calls",
+        description="Learn the time grid of a deterministic fixed-step solver for a model at NFE model calls (the "
+                    "final denoising call included), fitted to a tight dopri5 solution from the same starting "
+                    "points (scoresde.tune_grid); writes it as JSON for scoresde sample --grid.")
+    u.add_argument("--model", default=None, help="as for scoresde sample (default: the shipped digits model)")
+    u.add_argument("--solver", default="unipc", choices=sorted(SOLVERS), help="solver (default: unipc)")
+    u.add_argument("--nfe", type=positive_int_argument, required=True, help="model calls of a run on the grid")
+    u.add_argument("--out", required=True, help="the grid file to write (.json)")
+    u.add_argument("--n", type=positive_int_argument, default=128, help="starting points to fit (default: 128)")
+    u.add_argument("--iterations", type=positive_int_argument, default=40, help="passes over them (default: 40)")
+    u.add_argument("--seed", type=seed_argument, default=0, help="random seed (default: 0)")
+    u.add_argument("--device", default="cpu", type=device_argument, help="torch device (default: cpu)")
 
     commands.add_parser("presets", help="list the network and training presets, with parameter counts")
     _likelihood_parser(commands)
@@ -144,11 +161,15 @@ def _likelihood(args) -> int:
     return 0
 
 
+MIXTURE = "mixture ring2d"  # the exact mixture's identity in tuned grids
+
+
 def _sample_mixture(args) -> int:
     from .plotting import save_scatter
 
     sde = VPSDE.linear()
     mixture = GaussianMixture.ring2d(sde)
+    args.tuned = _tuned_grid(args, sde, MIXTURE)
     n = args.n or 4000
     if args.folder:
         return _sample_chunks(mixture, sde, (2,), n, args, meta={"model": "mixture"})
@@ -167,6 +188,7 @@ def _sample_model(args) -> int:
     from .pretrained import load_model
 
     model = load_model(args.model, device=args.device)
+    args.tuned = _tuned_grid(args, model.sde, model.identity(), model.tuned_grids())
     n = args.n or 64
     clip = not args.raw  # clip to the data set's range, unless --raw
     if args.folder:
@@ -186,7 +208,38 @@ def _sample_model(args) -> int:
 
 
 def _solver_options(args) -> dict:
-    return {} if SOLVERS[args.solver].adaptive else {"steps": args.steps, "grid": args.grid}
+    return {} if SOLVERS[args.solver].adaptive else {"steps": args.steps, "grid": args.tuned or args.grid}
+
+
+def _tuned_grid(args, sde, model_id: str, shipped=()):
+    """--grid as a TunedGrid: a file given (checked against the model here, against the run by
+    `sample`), or, with --steps and no --grid, a shipped grid tuned for this model, solver and step
+    count. None for a grid name or nothing."""
+    from .grids import TunedGrid
+    from .solvers.options import validate
+
+    if args.grid is not None and args.grid not in GRIDS:
+        if not args.grid.endswith(".json"):
+            raise ValueError(f"--grid {args.grid!r}: expected one of {', '.join(sorted(GRIDS))}, or a tuned grid "
+                             "file (.json, from scoresde tune)")
+        tuned = TunedGrid.load(args.grid)
+        tuned.check_model(model_id)
+        return tuned
+    spec = SOLVERS[args.solver]
+    if args.grid is not None or args.steps is None or spec.adaptive:
+        return None
+    options = validate(spec.name, spec.declared, spec.options, {})
+    nfe = spec.calls(args.steps, options) + 1
+    for path in shipped:
+        tuned = TunedGrid.load(path)
+        try:
+            tuned.check(spec.name, options, nfe, sde, model=model_id)
+        except ValueError:
+            continue
+        print(f"grid: the tuned grid shipped with the model ({path.name}: {spec.name} at NFE {nfe}); --grid NAME "
+              "for a fixed grid")
+        return tuned
+    return None
 
 
 def _check_out(args) -> bool:
@@ -265,6 +318,32 @@ def _write(data: torch.Tensor, out: str, picture):
     else:
         picture(out)
     print(f"wrote {out}")
+
+
+def _tune(args) -> int:
+    from .tuning import tune_grid
+
+    if not args.out.endswith(".json"):
+        raise ValueError(f"--out {args.out!r}: expected a file name ending in .json")
+    _check_writable(Path(args.out))
+    if args.model == "mixture":
+        sde = VPSDE.linear()
+        model, shape, model_id = GaussianMixture.ring2d(sde), (2,), MIXTURE
+    else:
+        from .pretrained import load_model
+
+        loaded = load_model(args.model, device=args.device)
+        model, sde, shape, model_id = loaded.denoiser, loaded.sde, loaded.sample_shape, loaded.identity()
+    tuned = tune_grid(model, sde, solver=args.solver, nfe=args.nfe, shape=shape, n=args.n, iterations=args.iterations,
+                      device=args.device, generator=torch.Generator().manual_seed(args.seed),
+                      progress=sys.stderr.isatty(), model_name=model_id)
+    start = tuned.validation["initial"]
+    print(f"tuned {tuned.solver} at NFE {tuned.nfe} ({tuned.steps} steps) in {tuned.seconds:.1f}s: held-out distance "
+          f"to the teacher {tuned.validation['tuned']:.4g}, against {tuned.validation['fixed'][start]:.4g} for the "
+          f"best fixed grid ({start}); times {', '.join(f'{t:.4g}' for t in tuned.times.tolist())}")
+    print(f"wrote {tuned.save(args.out)}; sample with: scoresde sample --solver {tuned.solver} --grid {args.out}"
+          + ("" if args.model is None else f" --model {args.model}"))
+    return 0
 
 
 def _train(args) -> int:
@@ -353,6 +432,8 @@ def _run(args) -> int:
         return _likelihood(args)
     if args.command == "presets":
         return _presets(args)
+    if args.command == "tune":
+        return _tune(args)
     return _export(args)
 
 

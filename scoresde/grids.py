@@ -141,10 +141,25 @@ class TunedGrid:
         saved = self.identity()
         if model is not None and self.model is not None:
             run["model"], saved["model"] = model, self.model
+        if solver != self.solver:  # another solver's options differ too: name the solver alone
+            saved, run = {"solver": self.solver}, {"solver": solver}
         diffs = config_differences(saved, run)
         if diffs:
             raise ValueError(f"grid: a TunedGrid for another run ({'; '.join(diffs).replace('expected', 'this run')}): "
                              "tune a grid for this one (scoresde.tune_grid)")
+
+    def check_model(self, model: str):
+        """Refuse a model other than the one this grid was tuned for (when the grid names one).
+
+        Args:
+            model: the model's identity (`Pretrained.identity()` for a loaded model).
+
+        Raises:
+            ValueError: naming both models.
+        """
+        if self.model is not None and self.model != model:
+            raise ValueError(f"grid: tuned for the model {self.model!r}, not this one ({model!r}): tune a grid for "
+                             "this model (scoresde tune)")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the grid to a JSON file (atomically); the times keep every bit.

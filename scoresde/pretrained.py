@@ -87,6 +87,21 @@ class Pretrained:
         return y
 
 
+    def identity(self) -> str:
+        """The model as tuned grids record it: its folder's name and a digest of its weights."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.denoiser.net.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        where = self.path.parent.name if self.path.is_file() else self.path.name
+        return f"{where} sha256:{digest.hexdigest()[:16]}"
+
+    def tuned_grids(self) -> list[Path]:
+        """The tuned grids shipped with the model: JSON files in a `grids` folder beside its weights."""
+        folder = (self.path.parent if self.path.is_file() else self.path) / "grids"
+        return sorted(folder.glob("*.json")) if folder.is_dir() else []
+
+
 def sde_from_config(schedule: dict) -> VPSDE:
     """The VP-SDE a stored `schedule` config describes (linear or cosine)."""
     kind = schedule.get("schedule")

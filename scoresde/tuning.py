@@ -78,10 +78,6 @@ def _steps_for(spec, options: dict, nfe: int) -> int:
                      "included) on 1, 2, ... steps; choose one of those")
 
 
-def _deterministic(spec, options: dict) -> bool:
-    return not any(step.draws for step in spec.probe(2, options).finish().steps)
-
-
 def tune_grid(model: Callable, sde: VPSDE, *, solver: str, nfe: int, shape: Sequence[int] | None = None,
               n: int = 128, held_out: int = 64, iterations: int = 40, lr: float = 0.02, loss: str = "soft",
               radius: float = 0.05, batch: int | None = None, teacher: Mapping | None = None,
@@ -124,16 +120,7 @@ def tune_grid(model: Callable, sde: VPSDE, *, solver: str, nfe: int, shape: Sequ
     """
     started = time.perf_counter()
     model = as_model(model, sde)
-    spec = _solver(solver)
-    if spec.adaptive or not spec.plans:
-        raise ValueError(f"solver={solver!r}: an adaptive solver or a bridge picks its own steps; tune a fixed-step "
-                         "solver's grid")
-    options = validate(spec.name, spec.declared, spec.options, dict(options or {}))
-    if not _deterministic(spec, options):
-        raise ValueError(f"solver={solver!r} draws noise with these options: tune a deterministic solver (its "
-                         "grid may then serve the stochastic one)")
-    check_count("nfe", nfe, minimum=2)
-    steps = _steps_for(spec, options, nfe)
+    spec, options, steps = _tunable(solver, options, nfe)
     n, held_out, iterations = (check_count(k, v) for k, v in (("n", n), ("held_out", held_out),
                                                                ("iterations", iterations)))
     batch = n if batch is None else min(check_count("batch", batch), n)
@@ -149,54 +136,62 @@ def tune_grid(model: Callable, sde: VPSDE, *, solver: str, nfe: int, shape: Sequ
 
     x_T = torch.randn((n + held_out, *shape), generator=generator, dtype=dtype or torch.get_default_dtype())
     x_T = x_T.to(device or "cpu")
-    target, teacher_nfe = _teach(model, sde, x_T, teacher)
+    target, teacher_nfe = _teach(model, sde, x_T, teacher, progress)
     if teacher_nfe <= nfe:
         warnings.warn(f"teacher={teacher}: {teacher_nfe} model calls per sample, no more than the student's {nfe}; "
                       "its samples are no reference", stacklevel=2)
-    fit, check = slice(0, n), slice(n, None)
 
     def held_out_distance(times: torch.Tensor) -> float:
         try:
             with torch.no_grad():
-                out = sample(model, sde, x_T=x_T[check], solver=spec.name, grid=times, **options)
+                out = sample(model, sde, x_T=x_T[n:], solver=spec.name, grid=times, **options)
         except FloatingPointError:  # the model returned NaN or inf on this grid
             return math.inf
-        return float(_rms(out, target[check]).mean())
+        return float(_rms(out, target[n:]).mean())
 
     fixed = {name: held_out_distance(grid(sde, steps, sde.T, sde.t_min)) for name, grid in GRIDS.items()}
     start = min(fixed, key=fixed.get)  # tuning starts from the best fixed grid, and keeps it unless beaten
     initial = GRIDS[start](sde, steps, sde.T, sde.t_min)
     grid = _GridParameters(sde, initial, sde.t_min)
-    shift = torch.zeros_like(x_T[fit], requires_grad=loss == "soft")
-    groups = [{"params": grid.parameters(), "lr": lr}]
-    if loss == "soft":
-        groups.append({"params": [shift], "lr": radius / 5})
+    shift = torch.zeros_like(x_T[:n], requires_grad=loss == "soft")  # soft teacher forcing: where students start
+    groups = [{"params": grid.parameters(), "lr": lr}] + ([{"params": [shift], "lr": radius / 5}] if loss == "soft"
+                                                          else [])
     optimizer = torch.optim.Adam(groups)
-    best = (fixed[start], initial)
-    losses = []
+    best, losses = (fixed[start], initial), []
     bar = tqdm(range(iterations), desc=f"tune {spec.name} at {nfe} NFE", disable=not progress, leave=False)
     for it in bar:
         try:
-            losses.append(_one_pass(model, sde, spec.name, options, grid, x_T[fit] + shift, target[fit], optimizer,
+            losses.append(_one_pass(model, sde, spec.name, options, grid, x_T[:n] + shift, target[:n], optimizer,
                                     batch, generator))
         except FloatingPointError:  # the model returned NaN or inf on this grid: a loss of NaN
             losses.append(math.nan)
-        if loss == "soft":
-            _project(shift, radius)
+        _project(shift, radius)
         if not math.isfinite(losses[-1]):
             warnings.warn(f"tune_grid: the loss became {losses[-1]} at iteration {it + 1}; stopped, keeping the best "
                           "grid so far", stacklevel=2)
             break
         if (it + 1) % EVAL_EVERY == 0 or it + 1 == iterations:
             times = grid().detach()
-            distance = held_out_distance(times)
-            if distance < best[0]:
-                best = (distance, times)
+            best = min(best, (held_out_distance(times), times), key=lambda pair: pair[0])
         bar.set_postfix(loss=f"{losses[-1]:.4g}", held_out=f"{best[0]:.4g}")
     return TunedGrid(times=best[1].clone(), solver=spec.name, options=options, nfe=nfe, schedule=schedule_id(sde),
                      model=model_name, teacher=f"{teacher} ({teacher_nfe} model calls)", loss=losses,
                      validation={"initial": start, "tuned": best[0], "fixed": fixed},
                      seconds=time.perf_counter() - started)
+
+
+def _tunable(solver, options, nfe) -> tuple:
+    """The solver (a deterministic fixed-step one), its options checked, and its steps at `nfe` calls."""
+    spec = _solver(solver)
+    if spec.adaptive or not spec.plans:
+        raise ValueError(f"solver={solver!r}: an adaptive solver or a bridge picks its own steps; tune a fixed-step "
+                         "solver's grid")
+    options = validate(spec.name, spec.declared, spec.options, dict(options or {}))
+    if any(step.draws for step in spec.probe(2, options).finish().steps):
+        raise ValueError(f"solver={solver!r} draws noise with these options: tune a deterministic solver (its "
+                         "grid may then serve the stochastic one)")
+    check_count("nfe", nfe, minimum=2)
+    return spec, options, _steps_for(spec, options, nfe)
 
 
 def _one_pass(model, sde: VPSDE, solver: str, options: dict, grid: _GridParameters, starts: torch.Tensor,
@@ -213,12 +208,13 @@ def _one_pass(model, sde: VPSDE, solver: str, options: dict, grid: _GridParamete
     return total / len(starts)
 
 
-def _teach(model, sde: VPSDE, x_T: torch.Tensor, teacher: dict, chunk: int = 256) -> tuple[torch.Tensor, int]:
+def _teach(model, sde: VPSDE, x_T: torch.Tensor, teacher: dict, progress: bool,
+           chunk: int = 256) -> tuple[torch.Tensor, int]:
     """The teacher's final samples from x_T (in chunks, so memory stays flat), and its model calls per sample."""
     outs, calls = [], 0
     with torch.no_grad():
         for part in x_T.split(chunk):
-            out, info = sample(model, sde, x_T=part, return_info=True, **teacher)
+            out, info = sample(model, sde, x_T=part, return_info=True, progress=progress, **teacher)
             outs.append(out)
             calls = max(calls, info.nfe)
     return torch.cat(outs), calls

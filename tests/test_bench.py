@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import scoresde as sd
-from scoresde.bench import speed, suite
+from scoresde.bench import quality, speed, suite
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,37 @@ def test_plots_decode_and_markdown_has_the_tables(tiny_run):
     assert len(table_rows) == sum(r["library"] == "scoresde" for r in results["speed"]["rows"])
     for name in results["meta"]["plots"]:
         assert f"]({name})" in text
+
+
+def test_tuned_grid_rows_are_labelled_and_set_against_the_best_fixed_grid(tiny_run):
+    """Every solver the tiny profile tunes has a "<solver> (tuned)" row per problem and NFE budget, at the
+    model calls of its fixed-grid row; per problem and NFE the summary and results.md give the ratio of
+    the best tuned sampler's score to the best fixed-grid sampler's; the libraries' verdict stays on
+    fixed grids."""
+    out, results = tiny_run
+    summary, opts = results["quality"], quality.options("tiny", None)
+    assert opts.tuned and opts.tune_iterations <= 10  # the tiny profile tunes, and cheaply
+    rows = summary["rows"]
+    cases = {(p, nfe) for p in ("ring2d", "mixture16d") for nfe in opts.nfe}
+    for problem, nfe in cases:
+        tuned = {r["sampler"]: r for r in rows if r["problem"] == problem and r.get("nfe_budget") == nfe
+                 and r.get("tuned")}
+        assert set(tuned) == {f"{name} (tuned)" for name in opts.tuned}, (problem, nfe, set(tuned))
+        for label, r in tuned.items():
+            (fixed,) = [f for f in rows if f["problem"] == problem and f.get("nfe_budget") == nfe
+                        and f["sampler"] == label.removesuffix(" (tuned)")]
+            assert r["nfe"] == fixed["nfe"] and r["tune_seconds"] > 0 and math.isfinite(r["transport"]), r
+            steps = quality.fixed_steps(sd.SOLVERS[fixed["sampler"]], nfe)
+            assert len(r["times"]) == steps + 1 and r["tune_start"] in sd.GRIDS
+    comparisons = summary["tuned_vs_fixed"]
+    assert {(c["problem"], c["nfe"]) for c in comparisons} == cases
+    text = (out / "results.md").read_text()
+    assert "### Tuned grids against fixed grids" in text
+    for c in comparisons:
+        assert c["tuned"].endswith(" (tuned)") and not c["fixed"].endswith(" (tuned)")
+        assert math.isfinite(c["ratio"]) and c["ratio"] == pytest.approx(c["tuned_score"] / c["fixed_score"])
+        assert f"| {c['problem']} | {c['nfe']} | {c['fixed']} |" in text and f"| {c['ratio']:.2f} |" in text
+    assert not any(v["ours"].endswith(" (tuned)") for v in summary["verdicts"])
 
 
 def test_a_missing_peer_is_reported_as_skipped(tmp_path, monkeypatch, capsys):

@@ -56,7 +56,7 @@ def test_mkdocs_build_strict(tmp_path):
 def test_nav_pages_exist_and_relative_links_resolve():
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     pages = nav_files(config["nav"])
-    assert {"index.md", "theory.md", "solvers.md", "training.md", "examples.md", "benchmarks.md",
+    assert {"index.md", "theory.md", "solvers.md", "tuning.md", "training.md", "examples.md", "benchmarks.md",
             "reliability.md"} <= set(pages)
     missing = [p for p in pages if not (DOCS / p).is_file()]
     assert not missing, f"pages in mkdocs.yml's nav that do not exist under docs/: {missing}"
@@ -66,6 +66,17 @@ def test_nav_pages_exist_and_relative_links_resolve():
             if target and not (page.parent / target).resolve().exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not broken, "relative links or images that do not resolve:\n" + "\n".join(broken)
+
+
+def test_the_learned_grids_page_python_runs_as_written(tmp_path):
+    """docs/tuning.md's ```python blocks, in order, in a fresh interpreter (in a scratch folder: they
+    write grid.json)."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (DOCS / "tuning.md").read_text(), re.S | re.M)
+    assert blocks, "docs/tuning.md has no ```python block"
+    code = "import torch\ntorch.set_num_threads(1)\n" + "\n".join(blocks)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"docs/tuning.md's python failed:\n{result.stderr}"
+    assert (tmp_path / "grid.json").is_file()
 
 
 def test_link_check_sees_links_images_and_skips_code():

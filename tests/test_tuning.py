@@ -189,3 +189,48 @@ def test_a_nan_loss_stops_tuning_and_keeps_the_best_grid():
     with pytest.warns(UserWarning, match="the loss became nan at iteration 1; stopped"):
         grid = tuned(NaNLater(before_tuning), "ddim", iterations=50)
     assert len(grid.loss) == 1 and torch.equal(grid.times, GRIDS[grid.validation["initial"]](SDE, 4, SDE.T, SDE.t_min))
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+def test_tune_then_sample_with_the_grid_from_the_command_line(tmp_path, capsys):
+    from scoresde import cli
+
+    grid_file = tmp_path / "g.json"
+    assert cli.main(["tune", "--model", "mixture", "--solver", "unipc", "--nfe", "5", "--n", "16", "--iterations", "2",
+                     "--out", str(grid_file)]) == 0
+    assert "tuned unipc at NFE 5 (4 steps)" in capsys.readouterr().out
+    out = tmp_path / "x.npy"
+    assert cli.main(["sample", "--model", "mixture", "--solver", "unipc", "--grid", str(grid_file), "--n", "8",
+                     "--out", str(out)]) == 0
+    assert "NFE=5" in capsys.readouterr().out
+    tuned = TunedGrid.load(grid_file)
+    expected = sd.sample(RING, SDE, shape=(8, 2), solver="unipc", grid=tuned.times,
+                         generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.from_numpy(__import__("numpy").load(out)), expected)
+    # another solver, another model: refused, naming what differs
+    assert cli.main(["sample", "--model", "mixture", "--solver", "dpm_solver_pp_2m", "--grid", str(grid_file),
+                     "--out", str(out)]) == 2
+    assert "solver: saved 'unipc', this run 'dpm_solver_pp_2m'" in capsys.readouterr().err
+    assert cli.main(["sample", "--solver", "unipc", "--grid", str(grid_file), "--out", str(out)]) == 2
+    assert "tuned for the model 'mixture ring2d', not this one ('digits sha256:" in capsys.readouterr().err
+    assert cli.main(["sample", "--model", "mixture", "--grid", "nope", "--out", str(out)]) == 2
+    assert "--grid 'nope': expected one of karras" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("nfe", [5, 8, 10])
+def test_the_shipped_model_ships_tuned_grids_that_sample_picks_by_step_count(tmp_path, capsys, nfe):
+    from scoresde import cli
+
+    model = sd.load_model()
+    grids = {TunedGrid.load(path).nfe: TunedGrid.load(path) for path in model.tuned_grids()}
+    tuned = grids[nfe]
+    assert tuned.solver == "unipc" and tuned.model == model.identity()
+    assert tuned.validation["tuned"] <= min(tuned.validation["fixed"].values())
+    out = tmp_path / "x.npy"
+    assert cli.main(["sample", "--solver", "unipc", "--steps", str(tuned.steps), "--n", "4", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"the tuned grid shipped with the model (unipc-nfe{nfe}.json: unipc at NFE {nfe})" in said
+    assert f"NFE={nfe}" in said
+    assert cli.main(["sample", "--solver", "unipc", "--steps", str(tuned.steps), "--grid", "log_snr", "--n", "4",
+                     "--out", str(out)]) == 0
+    assert "tuned grid shipped" not in capsys.readouterr().out

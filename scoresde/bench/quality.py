@@ -1,7 +1,8 @@
 """Quality per model call: every scoresde solver and diffusers' schedulers on exact Gaussian
 mixtures, at equal NFE, from the same x_T.
 
-    scoresde bench --only quality            (or: python benchmarks/quality.py [--nfe 5 10 20 50] [--n 4000])
+    scoresde bench --only quality            (or: python benchmarks/quality.py [--nfe 5 10 20 50] [--n 4000]
+                                              [--tuned SOLVER ...])
 
 Both libraries sample the same exact eps-model on the same discrete chain (Ho et al.'s
 linspace(1e-4, 0.02, 1000)); every model call counts, our final denoising step included.
@@ -13,6 +14,12 @@ Metrics, lower is better:
 - transport: RMS distance to a tight probability-flow solution (dopri5, rtol = atol = 1e-8,
   float64) from the same x_T (deterministic samplers only).
 The "floor" row applies the metrics to that reference itself: pure sampling noise of n samples.
+
+Tuned rows ("unipc (tuned)"): a deterministic solver on a grid learned by `tune_grid` (LD3, Tong et
+al. 2025) for the problem's exact model, at the step count (and so the model calls) of that solver's
+fixed-grid row, fitted on starting points of another seed than the benchmark's x_T, then sampled from
+the benchmark's x_T. The verdict below compares the libraries on fixed grids only (diffusers has no
+learned grids); a second table sets the best tuned sampler against the best fixed-grid one.
 
 Verdict per problem and NFE: a sampler's score is its worst mode metric in units of the floor
 (each floor taken as at least one sample, 1/n); a score of at most 2 is "within twice the floor",
@@ -36,15 +43,26 @@ F64 = torch.float64
 N_TRAIN = 1000
 
 
+# The deterministic solvers whose grids the benchmark also learns (tune_grid), and the seed of the
+# starting points they are tuned on: not 0, the seed of the benchmark's own x_T.
+TUNED = ("ddim", "heun", "dpm_solver_2", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc")
+TUNE_SEED = 2
+
+
 @dataclass(frozen=True)
 class QualityOptions:
     nfe: tuple[int, ...] = (5, 10, 20, 50)
     n: int = 4000  # samples per problem
+    tuned: tuple[str, ...] = TUNED  # solvers with a tuned-grid row at every NFE budget
+    tune_n: int = 128  # tune_grid's n, held_out and iterations
+    tune_held_out: int = 64
+    tune_iterations: int = 40
 
 
 def options(profile: str, env) -> QualityOptions:
-    return {"tiny": QualityOptions((5,), 200), "quick": QualityOptions((5, 10, 20), 1000)}.get(
-        profile, QualityOptions())
+    return {"tiny": QualityOptions((5,), 200, tuned=("unipc",), tune_n=32, tune_held_out=32, tune_iterations=5),
+            "quick": QualityOptions((5, 10, 20), 1000, tuned=("ddim", "dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc"),
+                                    tune_n=64, tune_iterations=20)}.get(profile, QualityOptions())
 
 
 def problems(sde):
@@ -76,12 +94,17 @@ def metrics(mixture, x, expected, reference=None):
 KARRAS_VARIANTS = ("dpm_solver_pp_2m", "dpm_solver_pp_3m", "unipc")
 
 
+def fixed_steps(spec, nfe: int) -> int:
+    """The step count of a solver's fixed-grid run within `nfe` model calls (0: none fits)."""
+    return (nfe - 1) // spec.nfe_per_step
+
+
 def our_runs(mixture, sde, x_T, nfe):
     """Every registered solver at the largest step count within `nfe` model calls."""
     configs = [(name, None) for name in sd.SOLVERS] + [(name, "karras") for name in KARRAS_VARIANTS]
     for name, grid in configs:
         spec = sd.SOLVERS[name]
-        steps = (nfe - 1) // spec.nfe_per_step
+        steps = fixed_steps(spec, nfe)
         if spec.adaptive or name == "torchsde" or steps < 1:
             continue
         x, info = sd.sample(mixture, sde, x_T=x_T.clone(), solver=name, steps=steps, grid=grid, return_info=True,
@@ -152,6 +175,28 @@ def _nfe_rows(problem: _Problem, nfe: int, diffusers):
     return rows
 
 
+def _tuned_rows(problem: _Problem, nfe: int, opts: QualityOptions):
+    """Each solver of opts.tuned on a grid learned (LD3, Tong et al. 2025) at its fixed-grid run's step count."""
+    rows = []
+    for name in opts.tuned:
+        spec = sd.SOLVERS[name]
+        steps = fixed_steps(spec, nfe)
+        if steps < 1:
+            continue
+        tuned = sd.tune_grid(problem.mixture, problem.sde, solver=name, nfe=spec.calls(steps, {}) + 1,
+                             shape=(problem.mixture.dim,), dtype=F64, n=opts.tune_n, held_out=opts.tune_held_out,
+                             iterations=opts.tune_iterations, generator=torch.Generator().manual_seed(TUNE_SEED))
+        x, info = sd.sample(problem.mixture, problem.sde, x_T=problem.x_T.clone(), solver=name, grid=tuned,
+                            return_info=True)
+        start = tuned.validation["initial"]
+        rows.append({"problem": problem.name, "sampler": f"{name} (tuned)", "nfe_budget": nfe, "nfe": info.nfe,
+                     **metrics(problem.mixture, x, problem.expected, problem.reference),
+                     "tuned": True, "tune_seconds": tuned.seconds, "tune_start": start,
+                     "tune_held_out": {"start": tuned.validation["fixed"][start], "tuned": tuned.validation["tuned"]},
+                     "times": tuned.times.tolist()})
+    return rows
+
+
 def units(opts: QualityOptions, env):
     """(label, run) pairs for the suite; each run returns rows."""
     sde = sd.VPSDE.from_betas(torch.linspace(1e-4, 0.02, N_TRAIN, dtype=F64))
@@ -159,8 +204,10 @@ def units(opts: QualityOptions, env):
     for name, mixture in problems(sde).items():
         problem = _Problem(name, mixture, opts.n)
         out.append((f"quality {name}: reference", partial(_floor_rows, problem)))
-        out += [(f"quality {name}: NFE {nfe}", partial(_nfe_rows, problem, nfe, env.peers.get("diffusers")))
-                for nfe in opts.nfe]
+        for nfe in opts.nfe:
+            out.append((f"quality {name}: NFE {nfe}", partial(_nfe_rows, problem, nfe, env.peers.get("diffusers"))))
+            if opts.tuned:
+                out.append((f"quality {name}: NFE {nfe}, tuned grids", partial(_tuned_rows, problem, nfe, opts)))
     return out
 
 
@@ -181,10 +228,10 @@ def best(rows, floor, n):
 
 
 def verdicts(rows, n):
-    """Per problem and NFE budget: the best sampler of each library and whether ours wins."""
+    """Per problem and NFE budget: the best sampler of each library on a fixed grid and whether ours wins."""
     out = []
     for problem in dict.fromkeys(r["problem"] for r in rows):
-        mine = [r for r in rows if r["problem"] == problem]
+        mine = [r for r in rows if r["problem"] == problem and not r.get("tuned")]
         floor = next(r for r in mine if r["nfe"] is None)
         for nfe in dict.fromkeys(r["nfe_budget"] for r in mine if r["nfe"] is not None):
             ours = best([r for r in mine if r.get("nfe_budget") == nfe and not r["sampler"].startswith("diffusers")],
@@ -199,8 +246,40 @@ def verdicts(rows, n):
     return out
 
 
+def _ratio(a, b):
+    return None if a is None or b is None else a / b if b > 0 else math.inf
+
+
+def tuned_against_fixed(rows, n):
+    """Per problem and NFE budget: the best tuned sampler against the best fixed-grid one (either
+    library), by `best`; ratio = the tuned one's floor score over the fixed one's (< 1: tuning wins);
+    own_ratio = the same over its own solver's on its default fixed grid."""
+    out = []
+    for problem in dict.fromkeys(r["problem"] for r in rows):
+        mine = [r for r in rows if r["problem"] == problem]
+        floor = next(r for r in mine if r["nfe"] is None)
+        for nfe in dict.fromkeys(r["nfe_budget"] for r in mine if r.get("tuned")):
+            at = [r for r in mine if r.get("nfe_budget") == nfe]
+            tuned = best([r for r in at if r.get("tuned")], floor, n)
+            fixed = best([r for r in at if not r.get("tuned")], floor, n)
+            if fixed is None:
+                continue
+            scores = floor_score(tuned, floor, n), floor_score(fixed, floor, n)
+            own = next((r for r in at if r["sampler"] == tuned["sampler"].removesuffix(" (tuned)")), None)
+            out.append({"problem": problem, "nfe": nfe, "tuned": tuned["sampler"], "tuned_score": scores[0],
+                        "tuned_transport": tuned["transport"], "tune_seconds": tuned["tune_seconds"],
+                        "fixed": fixed["sampler"], "fixed_score": scores[1], "fixed_transport": fixed.get("transport"),
+                        "ratio": _ratio(*scores), "transport_ratio": _ratio(tuned["transport"], fixed.get("transport")),
+                        "own_ratio": own and _ratio(scores[0], floor_score(own, floor, n)),
+                        "tuned_wins": best([tuned, fixed], floor, n) is tuned})
+    return out
+
+
 def summarize(rows, opts: QualityOptions) -> dict:
-    return {"n": opts.n, "nfe": list(opts.nfe), "rows": rows, "verdicts": verdicts(rows, opts.n)}
+    tuning = {"solvers": list(opts.tuned), "n": opts.tune_n, "held_out": opts.tune_held_out,
+              "iterations": opts.tune_iterations, "seed": TUNE_SEED}
+    return {"n": opts.n, "nfe": list(opts.nfe), "rows": rows, "verdicts": verdicts(rows, opts.n),
+            "tuning": tuning, "tuned_vs_fixed": tuned_against_fixed(rows, opts.n)}
 
 
 # ---- Markdown and plots ----------------------------------------------------------------------------
@@ -210,19 +289,41 @@ def markdown(summary) -> list[str]:
              f"n = {summary['n']} samples per problem; NFE budgets {summary['nfe']}. Metrics: lower is better.", ""]
     for problem in dict.fromkeys(r["problem"] for r in rows):
         lines += [f"### {problem}", "", f"![quality {problem}](quality_{problem}.png)", ""]
-        lines += table(["sampler", "NFE", "weight error", "stray", "spread error", "transport"],
+        lines += table(["sampler", "NFE", "weight error", "stray", "spread error", "transport", "tuning s"],
                        [[r["sampler"], r["nfe"] or "—", f"{r['weight_error']:.4f}", f"{r['stray']:.4f}",
-                         f"{r['spread_error']:.3f}", fmt(r.get("transport"), ".4f")]
+                         f"{r['spread_error']:.3f}", fmt(r.get("transport"), ".4f"), fmt(r.get("tune_seconds"), ".1f")]
                         for r in rows if r["problem"] == problem])
         lines.append("")
     lines += ["### Verdict", "", "Score: worst mode metric in units of the floor (<= 2: within twice the floor, "
-              "where transport decides).", ""]
+              "where transport decides). Fixed grids only: tuned rows are compared below.", ""]
     lines += table(["problem", "NFE", "best scoresde", "score", "transport", "best diffusers", "score", "transport",
                     "ours wins"],
                    [[v["problem"], v["nfe"], v["ours"], f"{v['ours_score']:.2f}", fmt(v["ours_transport"], ".4f"),
                      v["theirs"] or "—", fmt(v["theirs_score"], ".2f"), fmt(v["theirs_transport"], ".4f"),
                      "yes" if v["ours_wins"] else "no"] for v in summary["verdicts"]],
                    align="lrlrrlrrc")
+    return lines + [""] + _tuned_markdown(summary)
+
+
+def _tuned_markdown(summary) -> list[str]:
+    comparisons, tuning = summary.get("tuned_vs_fixed"), summary.get("tuning")
+    if not comparisons:
+        return []
+    lines = ["### Tuned grids against fixed grids", "",
+             f"Tuned rows: `tune_grid` (LD3) for {', '.join(tuning['solvers'])} at the step count of each one's "
+             f"fixed-grid row, fitted on {tuning['n']} starting points (and {tuning['held_out']} held out, to pick "
+             f"the grid kept) of seed {tuning['seed']}, not the benchmark's x_T, in {tuning['iterations']} "
+             "iterations; then sampled from the "
+             "benchmark's x_T. Best of each kind as in the verdict (fixed grids: both libraries); ratio = the best "
+             "tuned sampler's worst mode metric (score, in floor units) over the best fixed-grid sampler's: below "
+             "1, the tuned grid is better; own solver: the same ratio against that solver on its default grid. "
+             "Tuning s: the best tuned sampler's tuning wall time.", ""]
+    lines += table(["problem", "NFE", "best fixed grid", "score", "transport", "best tuned", "score", "transport",
+                    "ratio", "transport ratio", "ratio, own solver", "tuning s", "tuned wins"],
+                   [[c["problem"], c["nfe"], c["fixed"], f"{c['fixed_score']:.2f}", fmt(c["fixed_transport"], ".4f"),
+                     c["tuned"], f"{c['tuned_score']:.2f}", fmt(c["tuned_transport"], ".4f"), f"{c['ratio']:.2f}",
+                     fmt(c["transport_ratio"], ".2f"), fmt(c["own_ratio"], ".2f"), f"{c['tune_seconds']:.1f}",
+                     "yes" if c["tuned_wins"] else "no"] for c in comparisons], align="lrlrrlrrrrrrc")
     return lines + [""]
 
 
@@ -243,17 +344,26 @@ def plots(summary, out: Path) -> list[str]:
         rows = [r for r in summary["rows"] if r["problem"] == problem]
         floor = next(r for r in rows if r["nfe"] is None)
         samplers = list(dict.fromkeys(r["sampler"] for r in rows if r["nfe"] is not None))
-        ours = [s for s in samplers if not s.startswith("diffusers")]
-        style = {s: {"color": plt.get_cmap("tab20")(k % 20), "ls": "-"} for k, s in enumerate(ours)}
-        style.update({s: {"color": plt.get_cmap("Dark2")(k % 8), "ls": "--"}
-                      for k, s in enumerate(x for x in samplers if x not in style)})
+        tuned = {r["sampler"] for r in rows if r.get("tuned")}
+        ours = [s for s in samplers if not s.startswith("diffusers") and s not in tuned]
+        style = {s: {"color": plt.get_cmap("tab20")(k % 20), "ls": "-", "marker": "o", "ms": 3} for k, s in
+                 enumerate(ours)}
+        style.update({s: {"color": plt.get_cmap("Dark2")(k % 8), "ls": "--", "marker": "o", "ms": 3}
+                      for k, s in enumerate(x for x in samplers if x not in style and x not in tuned)})
+        # a tuned grid: its solver's colour a shade darker, dash-dot, thicker, large stars, drawn on top
+        def darker(sampler):
+            return tuple(0.7 * c for c in style.get(sampler, {"color": (0.3, 0.3, 0.3)})["color"][:3])
+
+        style.update({s: {"color": darker(s.removesuffix(" (tuned)")), "ls": "-.",
+                          "lw": 1.8, "marker": "*", "ms": 10, "mec": "black", "mew": 0.6, "zorder": 3}
+                      for s in tuned})
         fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
         for ax, metric in zip(axes.flat, PLOTTED, strict=True):
             for sampler in samplers:
                 points = sorted((r["nfe"], max(r[metric], lowest)) for r in rows
                                 if r["sampler"] == sampler and metric in r)
                 if points:
-                    ax.plot(*zip(*points), marker="o", ms=3, lw=1.2, label=sampler, **style[sampler])
+                    ax.plot(*zip(*points), label=sampler, **{"lw": 1.2, **style[sampler]})
             if metric in MODE_METRICS:
                 ax.axhline(max(floor[metric], lowest), color="black", ls=":", lw=2, label="floor (n samples)")
             ax.set(xscale="log", yscale="log", xlabel="NFE (model calls)", ylabel=metric.replace("_", " "))
@@ -263,7 +373,7 @@ def plots(summary, out: Path) -> list[str]:
         handles, labels = axes.flat[0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
         fig.suptitle(f"{problem}: error against NFE, log-log (n = {summary['n']}; solid: scoresde, dashed: "
-                     f"diffusers; values under 1/n drawn at 1/n)")
+                     f"diffusers, stars: tuned grids; values under 1/n drawn at 1/n)")
         fig.tight_layout(rect=(0, 0, 0.8, 1))
         name = f"quality_{problem}.png"
         fig.savefig(out / name, dpi=80)
@@ -281,6 +391,9 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=4000)
     parser.add_argument("--out", default="results/quality")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tuned", nargs="*", default=list(TUNED), choices=sorted(sd.SOLVERS), metavar="SOLVER",
+                        help="deterministic fixed-step solvers with tuned-grid rows (default: %(default)s; "
+                             "none: --tuned alone)")
     args = parser.parse_args(argv)
-    return suite.run_parts({"quality": QualityOptions(tuple(args.nfe), args.n)}, out=args.out,
+    return suite.run_parts({"quality": QualityOptions(tuple(args.nfe), args.n, tuple(args.tuned))}, out=args.out,
                            threads=args.threads, command="python benchmarks/quality.py", argv=argv)

@@ -39,7 +39,7 @@ def _posterior_plan(planner, p, c_eps, c_z):
         planner.step(i, x=keep[i], terms=[(eps, eps_coef[i])], noise=c_z[i])
 
 
-@register("ancestral", grid="log_snr", stochastic=True, options={"variance": Choice(*VARIANCES)})
+@register("ancestral", grid="quadratic", stochastic=True, options={"variance": Choice(*VARIANCES)})
 def ancestral(planner, variance: str = "posterior"):
     """Ancestral sampling from the DDPM posterior (Ho et al. 2020) on any grid.
     variance="posterior" draws with sigma_tilde^2 (the exact posterior), "beta" with sigma_ts^2

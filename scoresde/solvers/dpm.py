@@ -204,7 +204,7 @@ def dpm_solver_pp_3m(planner, lower_order_final: bool = True):
     _multistep_pp(planner, 3, lower_order_final)
 
 
-@register("dpm_solver_pp_2m_sde", grid="log_snr", stochastic=True, options=LOWER_ORDER_FINAL)
+@register("dpm_solver_pp_2m_sde", grid="quadratic", stochastic=True, options=LOWER_ORDER_FINAL)
 def dpm_solver_pp_2m_sde(planner, lower_order_final: bool = True):
     """Multistep SDE-DPM-Solver++(2M) (Lu et al. 2022b; diffusers' "sde-dpmsolver++", midpoint form)
     on the reverse SDE: with c = alpha_s (1 - e^-2h),

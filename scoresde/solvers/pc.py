@@ -134,7 +134,7 @@ def _copy_step(planner: Planner, step, refs: dict, report: bool):
                  t0=step.t0, t1=step.t1, report=report)
 
 
-@register("pc", grid="log_snr", stochastic=True, options={
+@register("pc", grid="quadratic", stochastic=True, options={
     "predictor": OneStepSolver(), "snr": Number(0.0, low_open=True), "n_corrector": Integer(0, MAX_STEPS),
     "step_size": Choice(*STEP_SIZES), "predictor_options": Table()})
 def pc(planner, predictor: str = "euler_maruyama", snr: float = 0.16, n_corrector: int = 1,

@@ -12,7 +12,7 @@ from .base import BrownianNoise, register
 from .options import Choice
 
 
-@register("euler_maruyama", grid="log_snr", stochastic=True)
+@register("euler_maruyama", grid="quadratic", stochastic=True)
 def euler_maruyama(planner):
     """Euler-Maruyama on the reverse SDE, whose drift is a x + b score = a x - (b/sigma) eps:
     x <- x - dt (a x - (b/sigma) eps) + g sqrt(dt) z,  dt = t_i - t_{i+1} > 0 (for the VP-SDE

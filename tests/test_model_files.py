@@ -303,7 +303,7 @@ def test_exporting_a_model_into_its_own_folder_is_refused(tmp_path):
     once rewrote the shipped config (a random command line of the fuzz tests can draw it)."""
     shipped = tmp_path / "digits"
     shutil.copytree(DEFAULT_MODEL, shipped)
-    before = {p.name: p.read_bytes() for p in shipped.iterdir()}
+    before = {p.relative_to(shipped): p.read_bytes() for p in shipped.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=r"is the folder of the model being exported"):
         export_model(shipped, shipped)
-    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == before
+    assert {p.relative_to(shipped): p.read_bytes() for p in shipped.rglob("*") if p.is_file()} == before

@@ -320,6 +320,67 @@ class Denoiser(PredictionModel):
     def __repr__(self):
         return f"Denoiser({type(self.net).__name__}, prediction={self.prediction!r}, time_input={self.time_input!r})"
 
+    @staticmethod
+    def from_sigma(fn: Callable, sde: VPSDE) -> PredictionModel:
+        """A denoiser in the variance-exploding convention, fn(x, sigma) -> x0 with x = x0 + sigma eps
+        (k-diffusion's and EDM's interface), as a model on `sde` (see `scoresde.paths`).
+
+        Args:
+            fn: the denoiser; sigma comes as a (batch,) tensor in x's dtype.
+            sde: the VP-SDE to sample with.
+
+        Returns:
+            A `scoresde.paths.PathDenoiser`.
+        """
+        from .paths import PathDenoiser, sigma
+
+        return PathDenoiser(fn, sde, sigma(), prediction="x0")
+
+    @staticmethod
+    def from_flow(fn: Callable, sde: VPSDE) -> PredictionModel:
+        """A flow-matching velocity model fn(x, t) -> v, x = (1 - t) x0 + t eps, v = eps - x0 (t = 1 is
+        noise), as a model on `sde` (see `scoresde.paths`).
+
+        Args:
+            fn: the velocity field; t comes as a (batch,) tensor in x's dtype.
+            sde: the VP-SDE to sample with.
+
+        Returns:
+            A `scoresde.paths.PathDenoiser`.
+        """
+        from .paths import PathDenoiser, flow
+
+        return PathDenoiser(fn, sde, flow(), prediction="velocity")
+
+    @staticmethod
+    def from_path(fn: Callable, sde: VPSDE, path: object | None = None, *, alpha: Callable | None = None,
+                  sigma: Callable | None = None, prediction: str = "eps", time: str = "t") -> PredictionModel:
+        """A network trained on the path x = a(t) x0 + s(t) eps, as a model on `sde` (see `scoresde.paths`).
+
+        Args:
+            fn: the network fn(x, time) -> its prediction, x on its own path.
+            sde: the VP-SDE to sample with.
+            path: a `scoresde.paths.Path` (`paths.ve(...)`, `paths.subvp(...)`, ...); or give
+            alpha: a(t) (float64 tensors in and out), with `sigma`, for a path on t in [0, 1].
+            sigma: s(t), likewise.
+            prediction: "eps", "x0", "score" (of the path's marginal) or "velocity" (eps - x0).
+            time: the time fn takes: "t" (the path's time) or "sigma" (its s(t), as NCSN++ does).
+
+        Returns:
+            A `scoresde.paths.PathDenoiser`.
+
+        Raises:
+            ValueError: neither or both of a path and (alpha, sigma) given.
+        """
+        from .paths import Path, PathDenoiser
+
+        if (path is None) == (alpha is None or sigma is None):
+            raise ValueError("from_path: give a path (scoresde.paths.ve(), subvp(), ...) or alpha= and sigma= "
+                             "callables, not both or neither")
+        if path is None:
+            path = Path.from_coefficients(alpha, sigma)
+        return PathDenoiser(fn, sde, path, prediction=prediction, time=time)
+
     def _net_time(self, t, x):
         """The network's time argument for time t (a float or a tensor), as a (batch,) tensor."""
         batch = (x.shape[0],)

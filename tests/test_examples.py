@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-TESTED = ("compare_solvers", "diffusers_unet", "custom_solver", "digits_bpd", "toy2d_trajectories")
+TESTED = ("compare_solvers", "diffusers_unet", "custom_solver", "digits_bpd", "toy2d_trajectories", "any_model")
 
 
 def run_example(name: str, out: Path) -> str:
@@ -134,3 +134,13 @@ def test_toy2d_trajectories(tmp_path):
         assert recorded == states
         assert within >= 70, stdout
     check_png(out, (1200, 600))
+
+
+def test_any_model(tmp_path):
+    """Four conventions of one mixture, each through its adapter: the VP model's samples, to round-off."""
+    out = tmp_path / "any.png"
+    stdout = run_example("any_model", out)
+    rows = re.findall(r"^(.+?)\s+dpm_solver_pp_2m NFE=(\d+) largest difference from the VP model: (\S+)$", stdout, re.M)
+    assert [r[0] for r in rows] == ["sigma-denoiser", "flow matching", "VE score", "sub-VP eps"], stdout
+    assert all(int(nfe) == 11 and float(gap) < 1e-10 for _, nfe, gap in rows), stdout
+    check_png(out, (1280, 320))

@@ -7,6 +7,7 @@ from .guidance import (ClassifierFreeGuidance, ClassifierGuidance, Inpaint, X0Co
 from .likelihood import log_likelihood
 from .prediction import Denoiser, Prediction, PredictionModel
 from .pretrained import load_model
+from .diffusers_io import load_diffusers
 from .sde import VPSDE
 from .solvers import SOLVERS, BrownianNoise, GaussianNoise, SampleInfo, sample
 from .chunked import ChunkedRun, load_samples, sample_to_disk  # noqa: E402 (after solvers)
@@ -19,5 +20,5 @@ __all__ = [
     "Gaussian", "GaussianMixture", "analytic", "grids", "nn", "paths", "prediction", "schedules", "load_model",
     "likelihood", "log_likelihood", "guidance", "ClassifierFreeGuidance", "ClassifierGuidance", "Inpaint",
     "X0Correction", "dynamic_threshold", "static_threshold",
-    "sample_to_disk", "load_samples", "ChunkedRun", "tune_grid", "TunedGrid",
+    "sample_to_disk", "load_samples", "ChunkedRun", "tune_grid", "TunedGrid", "load_diffusers",
 ]

@@ -204,6 +204,13 @@ def declared_sample_shape(model) -> tuple | None:
             shape = getattr(obj, attr, None)
             if isinstance(shape, (tuple, list, torch.Size)):
                 return tuple(shape)
+        config = getattr(obj, "config", None)
+        if hasattr(config, "get") and "sample_size" in config:  # a diffusers model: its sizes live in its config
+            size, channels = config.get("sample_size"), config.get("in_channels")
+            size = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (list, tuple)) else ()
+            if isinstance(channels, int) and len(size) == 2 and all(isinstance(n, int) for n in size):
+                return (channels, *size)
+            continue
         if isinstance(getattr(obj, "in_channels", None), int) and isinstance(getattr(obj, "image_size", None), int):
             return (obj.in_channels, obj.image_size, obj.image_size)
         if isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "dim", None), int):

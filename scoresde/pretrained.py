@@ -227,10 +227,11 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
 
     Args:
         path: a checkpoint directory or run folder of ours, an exported model (a folder with
-            model.safetensors and config.json, or that model.safetensors); by default the shipped
-            digits model.
+            model.safetensors and config.json, or that model.safetensors), or a diffusers pipeline
+            folder (with unet/ and scheduler/, or model_index.json: loaded by
+            `scoresde.diffusers_io.load_diffusers`); by default the shipped digits model.
         device: where the network goes.
-        ema: use the EMA weights where the checkpoint has them.
+        ema: use the EMA weights where the checkpoint has them (a diffusers pipeline has one set).
 
     Returns:
         A `Pretrained`.
@@ -239,10 +240,16 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
         CheckpointError: a file is missing, damaged, not verifiable, or not ours; or config.json
             describes another network than the weights, or holds a field out of range. The
             message names the file and the field.
+        ImportError: a diffusers pipeline folder, and diffusers is not installed.
     """
     from . import nn as networks
     from . import checkpoint as ckpt
 
+    if isinstance(path, (str, os.PathLike)):
+        from .diffusers_io import is_diffusers_folder, load_diffusers
+
+        if is_diffusers_folder(path):  # a diffusers pipeline: its own layout, its own loader
+            return load_diffusers(path, device=device)
     found = ckpt.load_checkpoint(path if path is not None else DEFAULT_MODEL, map_location=device)
     config, config_path = found.config, found.config_path
     state = found.ema_state if ema and found.ema_state else found.model_state

@@ -201,5 +201,31 @@ class VPSDE:
         alpha_bar-matching otherwise; `from_betas(sde.discretize(N))` reproduces a chain's betas."""
         return self.schedule.discretize(check_count("N", N))
 
+    # ---- diffusers -----------------------------------------------------------------------------
+    @classmethod
+    def from_diffusers(cls, scheduler_or_config: object) -> "VPSDE":
+        """The training chain of a diffusers scheduler (DDPM, DDIM, ...) as a VP-SDE.
+
+        Its `num_train_timesteps` betas are computed in float64 from `trained_betas`, or from
+        `beta_schedule` "linear", "scaled_linear" or "squaredcos_cap_v2" with `beta_start` and
+        `beta_end`, as diffusers computes them (in float32); step n of the chain sits at t = n/N,
+        where alpha(t)^2 is diffusers' `alphas_cumprod[n - 1]`. diffusers itself is not needed.
+
+        Args:
+            scheduler_or_config: a diffusers scheduler (anything with a `.config` mapping), or its
+                config as a mapping (a dict, or the parsed scheduler_config.json).
+
+        Returns:
+            A discrete-chain `VPSDE`, as `VPSDE.from_betas` builds it.
+
+        Raises:
+            TypeError: `scheduler_or_config` is neither, or a config field has the wrong type.
+            ValueError: a field the schedule needs is missing, or is out of range; an unknown
+                `beta_schedule` (the message names the supported ones).
+        """
+        from .diffusers_io import diffusers_betas  # here: diffusers_io imports this module
+
+        return cls.from_betas(diffusers_betas(scheduler_or_config))
+
 
 __all__ = ["VPSDE", "F64"]

@@ -175,8 +175,9 @@ def _weights_file(unet_dir: Path) -> Path:
     raise CheckpointError(f"{unet_dir}: no {WEIGHTS}: expected {EXPECTED}")
 
 
-def _sample_shape(unet_config: dict, config_path: Path) -> tuple:
-    """(in_channels, height, width) of the UNet's samples; it must give back as many channels."""
+def _sample_shape(unet_config: dict, config_path: Path, learned_variance: bool) -> tuple:
+    """(in_channels, height, width) of the UNet's samples; it must give back as many channels (twice as
+    many when it also learns its variance)."""
     channels, size = unet_config.get("in_channels"), unet_config.get("sample_size")
 
     def count(v):
@@ -187,10 +188,12 @@ def _sample_shape(unet_config: dict, config_path: Path) -> tuple:
     sizes = [size, size] if count(size) else size
     if not (isinstance(sizes, list) and len(sizes) == 2 and all(map(count, sizes))):
         raise CheckpointError(f"{config_path}: sample_size={size!r}: expected an int >= 1 or a pair of them")
-    out = unet_config.get("out_channels", channels)
-    if out != channels:
-        raise CheckpointError(f"{config_path}: out_channels={out!r}: expected in_channels={channels} (a network "
-                              "that also predicts its variance, 2 x in_channels outputs, is not supported)")
+    out, expected = unet_config.get("out_channels", channels), 2 * channels if learned_variance else channels
+    if out != expected:
+        why = ("in_channels doubled: the scheduler's variance_type is 'learned_range'" if learned_variance else
+               "in_channels; twice as many outputs, a learned variance, need the scheduler's variance_type "
+               "'learned_range'")
+        raise CheckpointError(f"{config_path}: out_channels={out!r}: expected {expected} ({why})")
     return (channels, *sizes)
 
 
@@ -248,7 +251,8 @@ def load_diffusers(folder: str | os.PathLike, *, device: str | torch.device = "c
     if name != "UNet2DModel":
         raise CheckpointError(f"{unet_path}: _class_name={name!r}: expected 'UNet2DModel' (an unconditional "
                               "DDPM UNet)")
-    sample_shape = _sample_shape(unet_config, unet_path)
+    learned_variance = scheduler_config.get("variance_type") == "learned_range"  # iDDPM's: see Denoiser
+    sample_shape = _sample_shape(unet_config, unet_path, learned_variance)
     try:
         from diffusers import UNet2DModel
     except ImportError as err:
@@ -276,7 +280,8 @@ def load_diffusers(folder: str | os.PathLike, *, device: str | torch.device = "c
               "data": {"name": None, "sample_shape": list(sample_shape), "units": dict(DATA_UNITS),
                        "data_range": list(DATA_RANGE)},
               "diffusers": {"unet": unet_config, "scheduler": scheduler_config}}
-    denoiser = Denoiser(net, sde, prediction=prediction, time_input="index")
+    denoiser = Denoiser(net, sde, prediction=prediction, time_input="index",
+                        variance="learned_range" if learned_variance else None)
     return Pretrained(denoiser, sde, sample_shape, config, folder)
 
 

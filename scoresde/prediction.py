@@ -17,6 +17,7 @@ from .sde import VPSDE
 PREDICTIONS = ("eps", "x0", "v", "score")
 KINDS = PREDICTIONS + ("alpha_x0",)  # and alpha x0 = x - sigma eps, which multistep plans keep
 TIME_INPUTS = ("t", "index")
+VARIANCES = (None, "learned_range")
 Time = float | torch.Tensor  # a float, a 0-d tensor, or a (batch,) tensor of per-sample times
 Coef = float | torch.Tensor | None  # alpha_t or sigma_t: a float, a tensor broadcastable against x, or None
 
@@ -114,13 +115,17 @@ class Prediction:
         sde: the schedule, for alpha_t and sigma_t when they are not given.
         alpha: alpha_t, a float or a tensor broadcastable against x; None: from `sde` at t.
         sigma: sigma_t, likewise.
+        variance: a learned variance (Nichol & Dhariwal 2021's "learned range"): per element, the
+            interpolation v in [-1, 1] between the log of the step's beta (v = 1) and of its
+            posterior variance (v = -1); None when the model learns none.
     """
 
-    __slots__ = ("kind", "value", "x", "t", "sde", "_schedule", "_as")
+    __slots__ = ("kind", "value", "x", "t", "sde", "variance", "_schedule", "_as")
 
     def __init__(self, kind: str, value: torch.Tensor, x: torch.Tensor, t: Time, sde: VPSDE, alpha: Coef = None,
-                 sigma: Coef = None):
+                 sigma: Coef = None, variance: torch.Tensor | None = None):
         self.kind, self.value, self.x, self.t, self.sde = kind, value, x, t, sde
+        self.variance = variance  # a learned variance's interpolation v in [-1, 1] (iDDPM), or None
         self._schedule = None if alpha is None or sigma is None else (alpha, sigma)
         self._as: dict[str, torch.Tensor] = {}
 
@@ -194,7 +199,7 @@ class Prediction:
         """A prediction of `kind` with `value` at the same time (and at `x` when given): what a
         transform of predictions returns."""
         at = self.x if x is None else x
-        return Prediction(kind, value, at, self.t, self.sde, *(self._schedule or (None, None)))
+        return Prediction(kind, value, at, self.t, self.sde, *(self._schedule or (None, None)), variance=self.variance)
 
 
 def declared_sample_shape(model) -> tuple | None:
@@ -301,13 +306,17 @@ class Denoiser(PredictionModel):
             N = `num_steps` or the discrete sde's chain length; or a callable f(t) -> network
             input, given a float64 (batch,) tensor of t.
         num_steps: the chain length N of an index-time network on a continuous sde.
+        variance: None, or "learned_range": the network also outputs a variance (Nichol & Dhariwal
+            2021, iDDPM), as many channels again after its prediction (dimension 1): the
+            interpolation v in [-1, 1] between the step's beta and posterior variance in log space,
+            which `ancestral(variance="learned")` draws with.
 
     Raises:
         TypeError, ValueError: an argument that is wrong, named with its value and what is allowed.
     """
 
     def __init__(self, net: Callable, sde: VPSDE, prediction: str = "eps", time_input: str | Callable = "t",
-                 num_steps: int | None = None):
+                 num_steps: int | None = None, variance: str | None = None):
         if not callable(net):
             raise TypeError(f"net={net!r}: expected a callable network net(x, time)")
         if not isinstance(sde, VPSDE):
@@ -321,8 +330,10 @@ class Denoiser(PredictionModel):
         if time_input == "index" and num_steps is None and sde.num_steps is None:
             raise ValueError("time_input='index' needs num_steps=N (the network's training chain length) "
                              "for a continuous sde")
+        if variance not in VARIANCES:
+            raise ValueError(f"variance={variance!r}: expected one of {VARIANCES}")
         self.net, self.sde, self.prediction = net, sde, prediction
-        self.time_input, self.num_steps = time_input, num_steps
+        self.time_input, self.num_steps, self.variance = time_input, num_steps, variance
 
     def __repr__(self):
         return f"Denoiser({type(self.net).__name__}, prediction={self.prediction!r}, time_input={self.time_input!r})"
@@ -410,4 +421,11 @@ class Denoiser(PredictionModel):
             out = getattr(out, "sample", out)  # diffusers returns a UNet2DOutput
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"net (the model) returned {type(out).__name__}, expected a tensor")
-        return Prediction(self.prediction, out, x, t, self.sde, alpha, sigma)
+        if self.variance is None:
+            return Prediction(self.prediction, out, x, t, self.sde, alpha, sigma)
+        if out.ndim < 2 or out.shape[1] != 2 * x.shape[1]:
+            raise ValueError(f"net (the model) returned shape {tuple(out.shape)}; with variance={self.variance!r} "
+                             f"expected twice x's {x.shape[1]} channels along dimension 1 (its prediction, then the "
+                             "variance's)")
+        value, variance = out.chunk(2, dim=1)
+        return Prediction(self.prediction, value, x, t, self.sde, alpha, sigma, variance=variance)

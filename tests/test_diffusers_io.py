@@ -289,3 +289,30 @@ def test_importing_scoresde_does_not_import_diffusers():
             "scoresde.VPSDE.from_diffusers({'num_train_timesteps': 10, 'beta_schedule': 'squaredcos_cap_v2'}); "
             "assert 'diffusers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_learned_variance_pipeline_samples_as_diffusers_ddpm(tmp_path):
+    """iDDPM's learned range: a UNet with twice the channels and a scheduler with variance_type
+    'learned_range' loads as a Denoiser with variance='learned_range', and our ancestral sampling with
+    variance='learned' on the full 10-step chain makes diffusers' DDPMScheduler steps, noise for noise."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=6, layers_per_block=1,
+                                 block_out_channels=(8, 16), norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=10, variance_type="learned_range", clip_sample=False)
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    model = load_diffusers(tmp_path / "pipe")
+    assert model.denoiser.variance == "learned_range"
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    ours = sd.sample(model.denoiser, model.sde, x_T=x_T, solver="ancestral", variance="learned",
+                     grid=torch.arange(10, 0, -1, dtype=torch.float64) / 10, generator=torch.Generator().manual_seed(2))
+    scheduler.set_timesteps(10)
+    x, generator = x_T.clone(), torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t).sample, t, x, generator=generator).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+    # the same network taken as a plain eps-model: its doubled output is refused at the first call
+    with pytest.raises(ValueError, match=r"model output has shape \(2, 6, 8, 8\), expected the input's \(2, 3, 8, 8\)"):
+        sd.sample(sd.Denoiser(unet, model.sde, time_input="index"), model.sde, x_T=x_T, solver="ancestral", steps=3)

@@ -172,3 +172,49 @@ def test_k_diffusion_samplers_on_the_sigma_denoiser_match_ours(ours, theirs, opt
 
     got = sd.sample(sd.Denoiser.from_sigma(sigma_denoiser, SDE), SDE, x_T=X_T, solver=ours, grid=times, **options)
     torch.testing.assert_close(got, theirs(denoiser, X_T / alpha[0], sigmas), rtol=1e-10, atol=1e-10)
+
+
+# ---- learned variances (iDDPM) ------------------------------------------------------------------------
+def with_variance(v):
+    """MIX's eps with a learned-range variance output v(x) appended along dimension 1."""
+    return sd.Denoiser(lambda x, t: torch.cat([MIX(x, t), v(x)], dim=1), SDE, variance="learned_range")
+
+
+@pytest.mark.parametrize("v,fixed", [(-1.0, "posterior"), (1.0, "beta")])
+def test_a_learned_variance_at_its_ends_is_the_posterior_or_the_beta_variance(v, fixed):
+    kw = dict(x_T=X_T, solver="ancestral", steps=8)
+    got = sd.sample(with_variance(lambda x: torch.full_like(x, v)), SDE, variance="learned",
+                    generator=torch.Generator().manual_seed(3), **kw)
+    torch.testing.assert_close(got, sd.sample(MIX, SDE, variance=fixed, generator=torch.Generator().manual_seed(3),
+                                              **kw), rtol=1e-12, atol=1e-12)
+
+
+def test_a_learned_variance_interpolates_in_log_space_per_element():
+    """One step from t to s, with v differing per element: the draw's std is exp((f log beta + (1 - f) log
+    tilde) / 2), f = (v + 1)/2, beta = 1 - (alpha_t/alpha_s)^2, tilde = beta sigma_s^2 / sigma_t^2."""
+    times = torch.tensor([0.6, 0.3], dtype=F64)
+    x = X_T[:4]
+    v = torch.tensor([[-1.0, 0.5], [0.0, 1.0], [-0.25, 0.75], [0.9, -0.9]], dtype=F64)
+    model = with_variance(lambda xx: v)
+    draw = sd.GaussianNoise(torch.Generator().manual_seed(4))
+    z = draw.draw(x.shape, F64, x.device)
+    got = sd.sample(model, SDE, x_T=x, solver="ancestral", grid=times, variance="learned", final_denoise=False,
+                    noise=lambda like, t0, t1: z)
+    mean = sd.sample(MIX, SDE, x_T=x, solver="ancestral", grid=times, final_denoise=False,
+                     noise=lambda like, t0, t1: torch.zeros_like(like))
+    (a_t, a_s), (s_t, s_s) = SDE.alpha_sigma(times)
+    beta = 1 - (a_t / a_s) ** 2
+    tilde = beta * s_s**2 / s_t**2
+    f = (v + 1) / 2
+    torch.testing.assert_close(got, mean + torch.exp(0.5 * (f * beta.log() + (1 - f) * tilde.log())) * z,
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_learned_variance_refusals():
+    with pytest.raises(ValueError, match="variance='learned': the model .* learns no variance"):
+        sd.sample(MIX, SDE, x_T=X_T, solver="ancestral", steps=3, variance="learned")
+    with pytest.raises(ValueError, match=r"with variance='learned_range' expected twice x's 2 channels"):
+        sd.sample(sd.Denoiser(MIX, SDE, variance="learned_range"), SDE, x_T=X_T, solver="ancestral", steps=3,
+                  variance="learned")
+    with pytest.raises(ValueError, match="variance='fixed'"):
+        sd.Denoiser(MIX, SDE, variance="fixed")

@@ -13,7 +13,7 @@ import torch
 from .base import register
 from .options import Choice, Number
 
-VARIANCES = ("posterior", "beta")
+VARIANCES = ("posterior", "beta", "learned")
 
 
 def _posterior_terms(sde, times):
@@ -43,11 +43,36 @@ def _posterior_plan(planner, p, c_eps, c_z):
 def ancestral(planner, variance: str = "posterior"):
     """Ancestral sampling from the DDPM posterior (Ho et al. 2020) on any grid.
     variance="posterior" draws with sigma_tilde^2 (the exact posterior), "beta" with sigma_ts^2
-    (Ho et al.'s other choice, sigma_t^2 = beta_t)."""
+    (Ho et al.'s other choice, sigma_t^2 = beta_t), "learned" with the model's own (Nichol & Dhariwal
+    2021: exp(f log sigma_ts^2 + (1 - f) log sigma_tilde^2) per element, f = (v + 1)/2 from the model)."""
     p = _posterior_terms(planner.sde, planner.times)
     c_eps = (p["alpha_t"] / p["alpha_s"]) * p["sigma_s"] ** 2 / p["sigma_t"]
+    if variance == "learned":
+        return _learned_variance_plan(planner, p, c_eps)
     c_z = (p["var_tilde"] if variance == "posterior" else p["var_ts"]).sqrt()
     _posterior_plan(planner, p, c_eps, c_z)
+
+
+def _learned_variance_plan(planner, p, c_eps):
+    """The posterior mean as in `_posterior_plan`, the draw scaled per element by the model's variance."""
+    ratio = p["alpha_s"] / p["alpha_t"]
+    keep, eps_coef, log_beta, log_tilde = (planner.values(v) for v in (
+        ratio, c_eps - ratio * p["sigma_t"], p["var_ts"].log(), p["var_tilde"].log()))
+    start = planner.nodes(planner.times[:-1])
+    for i in range(planner.steps):
+        ref = planner.stage(*start[i], "eps_variance")
+        planner.step(i, terms=[(ref, None)], noise=1.0,
+                     custom=_learned_draw(ref, keep[i], eps_coef[i], log_beta[i], log_tilde[i]))
+
+
+def _learned_draw(ref, keep, eps_coef, log_beta, log_tilde):
+    def update(x, outputs, z):
+        eps, v = outputs[ref]
+        frac = (v.to(x.dtype) + 1) / 2
+        std = torch.exp(0.5 * (frac * log_beta + (1 - frac) * log_tilde))
+        return (x * keep).add_(eps * eps_coef).addcmul_(std, z)
+
+    return update
 
 
 @register("ddim", grid="quadratic", stochastic=True, options={"eta": Number(0.0, 1.0)})

@@ -181,6 +181,11 @@ class ModelRun:
         None: from the schedule). x and t come from the solver: not checked again."""
         prediction = self.model.forward(x, t, alpha, sigma)
         self._note(prediction.value, x, t)
+        if kind == "eps_variance":  # ancestral's learned variance: eps and the model's interpolation v
+            if prediction.variance is None:
+                raise ValueError(f"variance='learned': the model ({self.model!r}) learns no variance; give a "
+                                 "Denoiser(..., variance='learned_range'), or another variance")
+            return prediction.as_kind("eps"), prediction.variance
         return prediction.as_kind(kind)
 
     def _note(self, out: torch.Tensor, x: torch.Tensor, t):

@@ -218,3 +218,15 @@ def test_learned_variance_refusals():
                   variance="learned")
     with pytest.raises(ValueError, match="variance='fixed'"):
         sd.Denoiser(MIX, SDE, variance="fixed")
+
+
+def test_ancestral_draws_with_a_learned_variance_when_the_model_has_one():
+    model = with_variance(lambda x: 0.3 * torch.tanh(x))
+    kw = dict(x_T=X_T, solver="ancestral", steps=6)
+    default = sd.sample(model, SDE, generator=torch.Generator().manual_seed(5), **kw)
+    learned = sd.sample(model, SDE, variance="learned", generator=torch.Generator().manual_seed(5), **kw)
+    posterior = sd.sample(model, SDE, variance="posterior", generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(default, learned) and not torch.allclose(default, posterior)
+    # a model without one keeps the posterior variance
+    assert torch.equal(sd.sample(MIX, SDE, generator=torch.Generator().manual_seed(5), **kw),
+                       sd.sample(MIX, SDE, variance="posterior", generator=torch.Generator().manual_seed(5), **kw))

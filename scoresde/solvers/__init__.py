@@ -268,7 +268,7 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
     if compile and callback is not None:
         raise ValueError("callback: compile=True runs the whole loop as one compiled graph, which a callback "
                          "would break; drop the callback or compile")
-    options = validate(spec.name, spec.declared, spec.options, options)
+    options = validate(spec.name, spec.declared, spec.defaults_for(model), options)
     if isinstance(grid, TunedGrid):
         grid.check(spec.name, options, spec.calls(grid.steps, options) + final_denoise, sde)
         grid = grid.times

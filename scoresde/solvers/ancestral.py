@@ -39,12 +39,19 @@ def _posterior_plan(planner, p, c_eps, c_z):
         planner.step(i, x=keep[i], terms=[(eps, eps_coef[i])], noise=c_z[i])
 
 
-@register("ancestral", grid="quadratic", stochastic=True, options={"variance": Choice(*VARIANCES)})
+def _learned_if_any(model) -> dict:
+    """A model with a learned variance is sampled with it unless the caller says otherwise."""
+    return {"variance": "learned"} if getattr(model, "variance", None) == "learned_range" else {}
+
+
+@register("ancestral", grid="quadratic", stochastic=True, options={"variance": Choice(*VARIANCES)},
+          model_defaults=_learned_if_any)
 def ancestral(planner, variance: str = "posterior"):
     """Ancestral sampling from the DDPM posterior (Ho et al. 2020) on any grid.
     variance="posterior" draws with sigma_tilde^2 (the exact posterior), "beta" with sigma_ts^2
     (Ho et al.'s other choice, sigma_t^2 = beta_t), "learned" with the model's own (Nichol & Dhariwal
-    2021: exp(f log sigma_ts^2 + (1 - f) log sigma_tilde^2) per element, f = (v + 1)/2 from the model)."""
+    2021: exp(f log sigma_ts^2 + (1 - f) log sigma_tilde^2) per element, f = (v + 1)/2 from the model;
+    the default for a Denoiser with variance="learned_range")."""
     p = _posterior_terms(planner.sde, planner.times)
     c_eps = (p["alpha_t"] / p["alpha_s"]) * p["sigma_s"] ** 2 / p["sigma_t"]
     if variance == "learned":

@@ -36,6 +36,11 @@ class Solver:
     declared: dict = field(default_factory=dict)  # option name -> its Option (type and range)
     run_nfe: Callable | None = None  # a whole-run solver's model calls: run_nfe(steps, options) -> int
     plans: bool = False  # fn builds a plan (rather than running the whole solve itself)
+    model_defaults: Callable | None = None  # model -> defaults that depend on it (ancestral: a learned variance)
+
+    def defaults_for(self, model) -> dict:
+        """The option defaults for sampling `model`: the solver's, then those the model implies."""
+        return {**self.options, **(self.model_defaults(model) if self.model_defaults else {})}
 
     @property
     def adaptive(self) -> bool:
@@ -76,7 +81,8 @@ SOLVERS: dict[str, Solver] = {}
 
 def register(name: str, *, grid: str | None = "uniform", stochastic: bool = False,
              options: Mapping[str, Option] | None = None, nfe_per_step: int | None = None,
-             nfe: Callable | None = None, replace: bool = False) -> Callable[[Callable], Callable]:
+             nfe: Callable | None = None, model_defaults: Callable | None = None,
+             replace: bool = False) -> Callable[[Callable], Callable]:
     """Register `fn` in SOLVERS under `name` (decorator).
 
     Args:
@@ -89,6 +95,8 @@ def register(name: str, *, grid: str | None = "uniform", stochastic: bool = Fals
             counted from its plans.
         nfe: for a whole-run function whose count is not steps * nfe_per_step: nfe(steps, options) ->
             its model calls (options with the defaults filled in).
+        model_defaults: model -> option defaults that depend on the model sampled (ancestral draws
+            with a learned variance when the model has one); options the caller gives win.
         replace: replace a solver of that name (a name already taken is refused otherwise, so a new
             solver cannot silently shadow a built-in one).
 
@@ -126,7 +134,7 @@ def register(name: str, *, grid: str | None = "uniform", stochastic: bool = Fals
         check_declarations(name, declared, defaults)
         per_step = nfe_per_step or 1
         run_nfe = None if builds else nfe or (lambda steps, _: steps * per_step)
-        SOLVERS[name] = Solver(name, fn, grid, stochastic, defaults, declared, run_nfe, builds)
+        SOLVERS[name] = Solver(name, fn, grid, stochastic, defaults, declared, run_nfe, builds, model_defaults)
         return fn
 
     return decorate

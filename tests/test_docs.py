@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 import scoresde as sd
@@ -68,6 +69,7 @@ def test_nav_pages_exist_and_relative_links_resolve():
     assert not broken, "relative links or images that do not resolve:\n" + "\n".join(broken)
 
 
+@pytest.mark.slow  # over 5 s: in the slow run, to keep the default run within its budget
 def test_the_learned_grids_page_python_runs_as_written(tmp_path):
     """docs/tuning.md's ```python blocks, in order, in a fresh interpreter (in a scratch folder: they
     write grid.json)."""

@@ -105,6 +105,7 @@ def test_custom_solver(tmp_path):
     check_png(out, (600, 450))
 
 
+@pytest.mark.slow  # over 5 s: in the slow run, to keep the default run within its budget
 def test_digits_bpd(tmp_path):
     out = tmp_path / "bpd.json"
     stdout = run_example("digits_bpd", out)

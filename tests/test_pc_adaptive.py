@@ -270,6 +270,7 @@ def test_sharp_ring_on_the_cosine_and_discrete_schedules(solver, options):
         assert mixture_failures(ring, x, expected_std_ratio(sde, 0.04, sde.t_min)) == [], sde
 
 
+@pytest.mark.slow  # over 5 s: in the slow run, to keep the default run within its budget
 def test_adaptive_sde_tighter_tolerance_costs_more_and_errs_less():
     """Strong error against Euler-Maruyama on 4096 log-SNR steps of the same Brownian path (one
     BrownianNoise: its queries stay consistent, so a retried step sees the same path). Each tighter

@@ -111,6 +111,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # over 5 s: in the slow run, to keep the default run within its budget
 def test_two_processes_with_gloo(tmp_path):
     """torchrun with two CPU processes: DDP over gloo on loopback, rank 0 writes, resume works."""
     out = tmp_path / "ddp"

@@ -469,7 +469,7 @@ def _memory_hint(args) -> str:
 
 
 def _nothing_lost(args) -> str:
-    if args.command == "sample":
+    if args.command in ("sample", "tune"):  # tune: Ctrl-C during its iterations writes the best grid so far
         return ": nothing written"
     if args.command == "train":
         return " before the first step: nothing saved"

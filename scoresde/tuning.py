@@ -117,6 +117,9 @@ def tune_grid(model: Callable, sde: VPSDE, *, solver: str, nfe: int, shape: Sequ
     Raises:
         TypeError, ValueError: an argument that is wrong, named with its value and what is allowed:
             an adaptive or stochastic solver, an nfe the solver cannot make.
+
+    A loss that becomes NaN or inf, or Ctrl-C during the iterations, stops tuning with a warning and
+    returns the best grid found so far.
     """
     started = time.perf_counter()
     model = as_model(model, sde)
@@ -165,6 +168,10 @@ def tune_grid(model: Callable, sde: VPSDE, *, solver: str, nfe: int, shape: Sequ
                                     batch, generator))
         except FloatingPointError:  # the model returned NaN or inf on this grid: a loss of NaN
             losses.append(math.nan)
+        except KeyboardInterrupt:  # Ctrl-C: minutes of tuning are not thrown away
+            warnings.warn(f"tune_grid: interrupted in iteration {it + 1}; returning the best grid so far",
+                          stacklevel=2)
+            break
         _project(shift, radius)
         if not math.isfinite(losses[-1]):
             warnings.warn(f"tune_grid: the loss became {losses[-1]} at iteration {it + 1}; stopped, keeping the best "

@@ -234,3 +234,24 @@ def test_the_shipped_model_ships_tuned_grids_that_sample_picks_by_step_count(tmp
     assert cli.main(["sample", "--solver", "unipc", "--steps", str(tuned.steps), "--grid", "log_snr", "--n", "4",
                      "--out", str(out)]) == 0
     assert "tuned grid shipped" not in capsys.readouterr().out
+
+
+def test_batches_and_ctrl_c_keep_the_best_grid(monkeypatch):
+    """Gradient steps on batches of the starting points; Ctrl-C in an iteration returns the best grid so far."""
+    grid = tuned(RING, "unipc", batch=32, iterations=2)
+    assert len(grid.loss) == 2 and all(math.isfinite(v) for v in grid.loss)
+    import scoresde.tuning as tuning
+
+    calls = {"n": 0}
+    one_pass = tuning._one_pass
+
+    def interrupted_second(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return one_pass(*args)
+
+    monkeypatch.setattr(tuning, "_one_pass", interrupted_second)
+    with pytest.warns(UserWarning, match="interrupted in iteration 2; returning the best grid so far"):
+        grid = tuned(RING, "unipc", iterations=10)
+    assert len(grid.loss) == 1 and grid.times[0] == SDE.T and bool((grid.times.diff() < 0).all())

@@ -307,3 +307,8 @@ def test_exporting_a_model_into_its_own_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"is the folder of the model being exported"):
         export_model(shipped, shipped)
     assert {p.relative_to(shipped): p.read_bytes() for p in shipped.rglob("*") if p.is_file()} == before
+
+
+def test_python_dash_m_scoresde_is_the_scoresde_command():
+    done = subprocess.run([sys.executable, "-m", "scoresde", "presets"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "networks (model=...)" in done.stdout, done.stderr

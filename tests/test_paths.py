@@ -230,3 +230,9 @@ def test_ancestral_draws_with_a_learned_variance_when_the_model_has_one():
     # a model without one keeps the posterior variance
     assert torch.equal(sd.sample(MIX, SDE, generator=torch.Generator().manual_seed(5), **kw),
                        sd.sample(MIX, SDE, variance="posterior", generator=torch.Generator().manual_seed(5), **kw))
+
+
+def test_a_nan_in_a_learned_variance_is_reported_like_any_model_nan():
+    model = with_variance(lambda x: torch.where(x[:, :1] > 10, 0.0, math.nan).expand_as(x))
+    with pytest.raises(FloatingPointError, match="the model returned NaN or inf at model call 1"):
+        sd.sample(model, SDE, x_T=X_T, solver="ancestral", steps=3)

@@ -186,18 +186,19 @@ class ModelRun:
     def predict(self, x: torch.Tensor, t, alpha, sigma, kind: str) -> torch.Tensor:
         """The model's prediction of `kind` ("eps", "x0" or "alpha_x0") at (x, t), converted at most once
         with the alpha and sigma the caller holds (floats, 0-d tensors of a differentiable plan, or
-        None: from the schedule). x and t come from the solver: not checked again."""
+        None: from the schedule); "eps_variance": the pair (eps, the learned variance's v). x and t
+        come from the solver: not checked again."""
         prediction = self.model.forward(x, t, alpha, sigma)
-        self._note(prediction.value, x, t)
-        if kind == "eps_variance":  # ancestral's learned variance: eps and the model's interpolation v
-            if prediction.variance is None:
-                raise ValueError(f"variance='learned': the model ({self.model!r}) learns no variance; give a "
-                                 "Denoiser(..., variance='learned_range'), or another variance")
-            return prediction.as_kind("eps"), prediction.variance
-        return prediction.as_kind(kind)
+        variance = prediction.variance if kind == "eps_variance" else None
+        if kind == "eps_variance" and variance is None:
+            raise ValueError(f"variance='learned': the model ({self.model!r}) learns no variance; give a "
+                             "Denoiser(..., variance='learned_range'), or another variance")
+        self._note(prediction.value, x, t, also=variance)
+        return (prediction.as_kind("eps"), variance) if variance is not None else prediction.as_kind(kind)
 
-    def _note(self, out: torch.Tensor, x: torch.Tensor, t):
-        """Check the output's shape and device and note its sum (for `check_finite`)."""
+    def _note(self, out: torch.Tensor, x: torch.Tensor, t, also: torch.Tensor | None = None):
+        """Check the output's shape and device and note its sum (for `check_finite`; with `also`, a
+        learned variance's output, whose NaN counts too)."""
         if out.shape != x.shape:
             raise ValueError(f"model output has shape {tuple(out.shape)}, expected the input's "
                              f"{tuple(x.shape)} ({_where(self.step, t)})")
@@ -209,7 +210,10 @@ class ModelRun:
         # With per-sample times (adaptive_sde) the per-sample sums are kept too, to name the sample.
         sum_dtype = _SUM_DTYPE.get(out.dtype)
         rows = out.flatten(1).sum(1, dtype=sum_dtype) if _per_sample_times(t) else None
-        self._calls.append((out.sum(dtype=sum_dtype) if rows is None else rows.sum(), self.step, t))
+        total = out.sum(dtype=sum_dtype) if rows is None else rows.sum()
+        if also is not None:
+            total = total + also.sum(dtype=sum_dtype)
+        self._calls.append((total, self.step, t))
         self._last_rows = rows
         if self._bar is not None:
             self._bar.update()

@@ -115,16 +115,18 @@ def subvp(beta_min: float = 0.1, beta_max: float = 20.0) -> Path:
     def a(t):
         return torch.exp(schedule.log_alpha(t))
 
+    def s(t):
+        return -torch.expm1(2 * schedule.log_alpha(t))  # 1 - a^2
+
     def time_at(lam):
         # a / (1 - a^2) = e^lam: the positive root of e^lam a^2 + a - e^lam = 0, written without cancellation
         e = torch.exp(-lam) if isinstance(lam, torch.Tensor) else math.exp(-lam)
         alpha = 2.0 / (e + torch.sqrt(torch.as_tensor(e * e + 4.0, dtype=F64)))
         return schedule.t_from_log_alpha(torch.log(alpha))
 
-    lam_end = float(torch.log(a(torch.tensor(1.0, dtype=F64))) - torch.log(-torch.expm1(2 * schedule.log_alpha(
-        torch.tensor(1.0, dtype=F64)))))
-    return Path(f"subvp(beta_min={beta_min:g}, beta_max={beta_max:g})", a, lambda t: -torch.expm1(2 * schedule.log_alpha(t)),
-                time_at, (lam_end, math.inf))
+    end = torch.tensor(1.0, dtype=F64)
+    lam_end = float(torch.log(a(end)) - torch.log(s(end)))
+    return Path(f"subvp(beta_min={beta_min:g}, beta_max={beta_max:g})", a, s, time_at, (lam_end, math.inf))
 
 
 def flow() -> Path:

@@ -26,12 +26,17 @@ def _posterior_terms(sde, times):
                 var_ts=var_ts, var_tilde=var_ts * var_s / var_t)
 
 
-def _posterior_plan(planner, p, c_eps, c_z):
-    """x_s = alpha_s x0_hat + c_eps eps + c_z z with x0_hat = (x - sigma_t eps)/alpha_t folded into
-    the coefficients: x_s = (alpha_s/alpha_t) x + (c_eps - sigma_t alpha_s/alpha_t) eps + c_z z,
-    two passes over x per step instead of five."""
+def _mean_coefficients(p, c_eps):
+    """The posterior mean alpha_s x0_hat + c_eps eps with x0_hat = (x - sigma_t eps)/alpha_t folded in:
+    (alpha_s/alpha_t) x + (c_eps - sigma_t alpha_s/alpha_t) eps, per step."""
     ratio = p["alpha_s"] / p["alpha_t"]
-    keep, eps_coef = (planner.values(v) for v in (ratio, c_eps - ratio * p["sigma_t"]))
+    return ratio, c_eps - ratio * p["sigma_t"]
+
+
+def _posterior_plan(planner, p, c_eps, c_z):
+    """x_s = (alpha_s/alpha_t) x + (c_eps - sigma_t alpha_s/alpha_t) eps + c_z z (`_mean_coefficients`):
+    two passes over x per step instead of five."""
+    keep, eps_coef = (planner.values(v) for v in _mean_coefficients(p, c_eps))
     c_z = [None] * planner.steps if c_z is None else planner.values(c_z)  # None: no draws
     start = planner.nodes(planner.times[:-1])
     for i in range(planner.steps):
@@ -62,9 +67,8 @@ def ancestral(planner, variance: str = "posterior"):
 
 def _learned_variance_plan(planner, p, c_eps):
     """The posterior mean as in `_posterior_plan`, the draw scaled per element by the model's variance."""
-    ratio = p["alpha_s"] / p["alpha_t"]
     keep, eps_coef, log_beta, log_tilde = (planner.values(v) for v in (
-        ratio, c_eps - ratio * p["sigma_t"], p["var_ts"].log(), p["var_tilde"].log()))
+        *_mean_coefficients(p, c_eps), p["var_ts"].log(), p["var_tilde"].log()))
     start = planner.nodes(planner.times[:-1])
     for i in range(planner.steps):
         ref = planner.stage(*start[i], "eps_variance")

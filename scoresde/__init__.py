@@ -1,5 +1,5 @@
 """scoresde: score-based diffusion models where the DDPM chain and the VP-SDE are one object."""
-from . import analytic, grids, guidance, likelihood, metrics, nn, paths, prediction, schedules
+from . import analytic, evaluate, grids, guidance, likelihood, metrics, nn, paths, prediction, schedules
 from .analytic import Gaussian, GaussianMixture
 from .grids import GRIDS, TunedGrid
 from .guidance import (ClassifierFreeGuidance, ClassifierGuidance, Inpaint, X0Correction, dynamic_threshold,
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VPSDE", "Denoiser", "Prediction", "PredictionModel", "sample", "SOLVERS", "GRIDS", "SampleInfo", "GaussianNoise", "BrownianNoise",
-    "Gaussian", "GaussianMixture", "analytic", "grids", "metrics", "nn", "paths", "prediction", "schedules", "load_model",
+    "Gaussian", "GaussianMixture", "analytic", "evaluate", "grids", "metrics", "nn", "paths", "prediction", "schedules", "load_model",
     "likelihood", "log_likelihood", "guidance", "ClassifierFreeGuidance", "ClassifierGuidance", "Inpaint",
     "X0Correction", "dynamic_threshold", "static_threshold",
     "sample_to_disk", "load_samples", "ChunkedRun", "tune_grid", "TunedGrid", "load_diffusers",

@@ -18,14 +18,32 @@ the batch size, as long as the solver treats the samples of a batch independentl
 solvers "dopri5" and "rk45" do not: one step size serves the whole batch) and the model's output
 for a sample does not depend on the batch beside it (a network's batched matrix products may round
 differently at another batch size; the analytic models in `scoresde.analytic` do not).
+
+Under torchrun (``torchrun --nproc_per_node=N -m scoresde -- sample --out DIR/ ...``, or a script
+in which every rank calls `sample_to_disk` with the same arguments: it is a collective), the ranks
+split one run. Rank 0 holds the folder's lock for the whole run and checks or writes the manifest;
+its decision, or its refusal (a locked folder, other arguments), reaches every rank before any
+draw. Rank r draws the missing chunks k with k % N == r, each the same batch with the same
+per-sample seeds as in one process, so the folder is the one a single process writes (bit for bit
+where the arithmetic is the same: the same kind of device, and thread count where a kernel's
+rounding depends on it; torchrun sets one thread per process unless told otherwise), and a run cut
+short in one way is finished by a rerun in the other. A rank with no chunk to draw says so on
+stderr and waits; all ranks meet at the end, and every rank returns the counts over all ranks. The
+progress bar is rank 0's, counting its own share. If one rank fails (a NaN in its chunk), the
+others finish their share, then every rank raises that error: no rank waits forever. A rank killed
+outright is torchrun's to handle (it stops the others); the finished chunks stay and a rerun draws
+the rest. All ranks must see the same folder (one machine, or a shared file system). The ``--``
+keeps torchrun's own parser from taking ``--n`` for an abbreviation of its ``--nnodes``.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +54,7 @@ from tqdm.auto import tqdm
 
 from .sde import VPSDE
 from .solvers import sample
+from . import _dist
 from ._lock import FolderLockedError, folder_lock
 from ._util import as_path, check_count
 from .files import CheckpointError, config_differences, write_atomic
@@ -189,7 +208,8 @@ def sample_to_disk(model: Callable, sde: VPSDE, n: int, out_dir: str | os.PathLi
     """Draw `n` samples in chunks of at most `batch_size`, writing each chunk to `out_dir` as it finishes.
 
     A rerun with the same arguments draws only the chunks missing on disk. The folder's lock is held
-    for the whole run: a second writer is refused and writes nothing.
+    for the whole run: a second writer is refused and writes nothing. Under torchrun every rank
+    calls it with the same arguments and draws its share of the chunks (see the module docstring).
 
     Args:
         model: a `Denoiser` or a callable model(x, t) -> eps, as for `sample`.
@@ -208,12 +228,14 @@ def sample_to_disk(model: Callable, sde: VPSDE, n: int, out_dir: str | os.PathLi
             options).
 
     Returns:
-        A `ChunkedRun`: how many chunks there are, were drawn now and were found finished.
+        A `ChunkedRun`: how many chunks there are, were drawn now and were found finished (over all
+        ranks, on every rank, under torchrun).
 
     Raises:
         FolderLockedError: another process writes to `out_dir` (an OSError naming its PID).
         CheckpointError: the folder holds chunks drawn with other arguments, or a damaged manifest.
         FloatingPointError: the model returned NaN or inf; the chunks before it stay on disk.
+            Under torchrun every rank raises what rank 0 refused or what a rank failed with.
     """
     out = as_path("out_dir", out_dir)
     n, batch_size = check_count("n", n, maximum=None), check_count("batch_size", batch_size, maximum=None)
@@ -222,21 +244,34 @@ def sample_to_disk(model: Callable, sde: VPSDE, n: int, out_dir: str | os.PathLi
     if transform is not None and not callable(transform):
         raise TypeError(f"transform={transform!r}: expected a callable chunk -> chunk, or None")
     args = _run_args(sde, n, sample_shape, batch_size, seed, meta, sample_kwargs)
-    out.mkdir(parents=True, exist_ok=True)
-    with folder_lock(out):  # one writer at a time: a second run would mix its chunks with ours
-        _open_run(out, args)
-        drawn, count = _draw_missing(model, sde, out, n, sample_shape, batch_size, seed, transform, progress,
-                                     sample_kwargs)
-    return ChunkedRun(out, n, count, drawn, count - drawn)
-
-
-def _draw_missing(model, sde, out: Path, n, sample_shape, batch_size, seed, transform, progress,
-                  sample_kwargs) -> tuple[int, int]:
-    """Draw and write the chunks not on disk yet; returns (how many were drawn, how many in all)."""
     count = math.ceil(n / batch_size)
-    done = set(_chunks_on_disk(out))
-    todo = [k for k in range(count) if k not in done]
-    with tqdm(total=n, initial=n - sum(min(batch_size, n - k * batch_size) for k in todo), unit="sample",
+    with _dist.process_group(sample_kwargs.get("device")) as (rank, world), contextlib.ExitStack() as held:
+        def claim() -> list[int]:  # rank 0 (the one process): lock, check or write the manifest
+            out.mkdir(parents=True, exist_ok=True)
+            held.enter_context(folder_lock(out))  # one writer at a time: a second run would mix its chunks
+            _open_run(out, args)
+            return _chunks_on_disk(out)
+
+        done = set(_dist.on_main(claim))  # rank 0's decision (or refusal) on every rank, before any draw
+        missing = [k for k in range(count) if k not in done]
+        mine = [k for k in missing if k % world == rank]  # a fixed chunk -> rank map
+        if missing and not mine:
+            print(f"sample_to_disk: rank {rank} of {world} has no chunk to draw ({len(missing)} of {count} "
+                  f"chunk(s) missing, {world} processes); waiting for the others", file=sys.stderr, flush=True)
+        share = range(rank, count, world)  # this rank's chunks, finished or not: its bar's total
+        drawn = _dist.on_every_rank(lambda: _draw_missing(
+            model, sde, out, mine, share, n, sample_shape, batch_size, seed, transform, progress and rank == 0,
+            sample_kwargs))
+    return ChunkedRun(out, n, count, sum(drawn), count - sum(drawn))
+
+
+def _draw_missing(model, sde, out: Path, todo: list[int], share, n, sample_shape, batch_size, seed, transform,
+                  progress, sample_kwargs) -> int:
+    """Draw and write the chunks `todo`; returns how many were drawn. The bar counts the samples of
+    the chunks `share` (all of them in one process), those not in `todo` as done."""
+    size = lambda k: min(batch_size, n - k * batch_size)  # noqa: E731
+    total = sum(size(k) for k in share)
+    with tqdm(total=total, initial=total - sum(size(k) for k in todo), unit="sample",
               disable=not progress, dynamic_ncols=True) as bar, torch.no_grad():
         for k in todo:
             first, last = k * batch_size, min(n, (k + 1) * batch_size)
@@ -253,7 +288,7 @@ def _draw_missing(model, sde, out: Path, n, sample_shape, batch_size, seed, tran
                                      f"{(last - first, *sample_shape)}")
             _write_chunk(out / chunk_name(k), x)
             bar.update(last - first)
-    return len(todo), count
+    return len(todo)
 
 
 def load_samples(out_dir, *, partial: bool = False) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The `scoresde` command: sample, tune, train, likelihood, bench, presets, export."""
+"""The `scoresde` command: sample, tune, train, likelihood, eval, train-features, bench, presets, export."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import GRIDS, SOLVERS, VPSDE, GaussianMixture, sample
+from . import GRIDS, SOLVERS, VPSDE, GaussianMixture, _dist, sample
 from ._util import device_argument, positive_int_argument, seed_argument
 
 
@@ -36,11 +36,13 @@ def _parser() -> argparse.ArgumentParser:
                         "matches the solver and step count)")
     s.add_argument("--n", type=positive_int_argument, default=None, help="number of samples (default: 64; 4000 for mixture)")
     s.add_argument("--seed", type=seed_argument, default=0, help="random seed (default: 0)")
-    s.add_argument("--device", default="cpu", type=device_argument, help="torch device (default: cpu)")
-    s.add_argument("--out", default="samples.png",
+    s.add_argument("--device", default="cpu", type=_process_device_argument,
+                   help="torch device (default: cpu; under torchrun, cuda means each process's own GPU)")
+    s.add_argument("--out", default="samples.png", type=_out_argument,
                    help="output: .png (a picture), .npy, or a folder (a name ending in '/', or an existing "
                         "folder): the samples in .npy chunks of --batch-size, each written when finished; "
-                        "rerun to finish an interrupted run (default: samples.png)")
+                        "rerun to finish an interrupted run; under torchrun, a folder only, its chunks split "
+                        "over the processes (default: samples.png)")
     s.add_argument("--batch-size", type=positive_int_argument, default=None,
                    help="samples per chunk, with a folder --out (default: 1000); the noise of sample i is "
                         "seeded from (seed, i), so it does not depend on the batch size: with the exact mixture "
@@ -77,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
     commands.add_parser("presets", help="list the network and training presets, with parameter counts")
     _likelihood_parser(commands)
+    _eval_parsers(commands)
     commands.add_parser("bench", add_help=False,
                         help="run the benchmark suite: quality per NFE, sampling speed, training (scoresde bench -h)")
 
@@ -117,9 +120,81 @@ def _likelihood_parser(commands):
                    help="steps of a fixed-step solver (default: ~200 model calls)")
     p.add_argument("--seed", type=seed_argument, default=0,
                    help="seed of the subset, the dequantization and the probes")
-    p.add_argument("--device", default="cpu", type=device_argument, help="torch device (default: cpu)")
+    p.add_argument("--device", default="cpu", type=_process_device_argument,
+                   help="torch device (default: cpu; under torchrun, cuda means each process's own GPU)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="a progress bar with an ETA on stderr (default: on when stderr is a terminal)")
+
+
+def _eval_parsers(commands):
+    v = commands.add_parser(
+        "eval", help="measure samples against their data set: Fréchet distance, precision/recall, classes, copies",
+        description="Measure samples against their data set in a classifier's feature space (Fréchet distance, "
+                    "k-NN precision and recall, class coverage) and in pixel space (a replication check: the share of "
+                    "samples nearer a training image than a threshold calibrated on held-out real images), beside "
+                    "the same numbers for real held-out images (the floor). Under torchrun the samples' chunks are "
+                    "shared among the ranks. Details: scoresde.evaluate.")
+    v.add_argument("samples", help="a folder from scoresde sample --out DIR/, or a .npy file of samples")
+    v.add_argument("--data", default="digits", help="the data set: a name (digits, fashion) or a path (default: digits)")
+    v.add_argument("--features", default=None,
+                   help="a feature network folder from scoresde train-features (default: the shipped one for digits)")
+    v.add_argument("--units", default="auto", choices=("auto", "data", "model"),
+                   help="the samples' units (default: auto: a folder's manifest says; a .npy file holds data units)")
+    v.add_argument("--k", type=positive_int_argument, default=3, help="the k of the k-NN balls (default: 3)")
+    v.add_argument("--png", default=None, help="write the samples nearest a training image beside it, as a PNG")
+    v.add_argument("--json", default=None, help="write the numbers as JSON")
+    v.add_argument("--seed", type=seed_argument, default=0, help="seed of the precision/recall subsets (default: 0)")
+
+    f = commands.add_parser(
+        "train-features", help="train the feature network scoresde eval measures a data set's samples in",
+        description="Train a small classifier on a data set's training split and save it (model.safetensors, "
+                    "config.json) for scoresde eval --features; prints its accuracy on the held-out split.")
+    f.add_argument("--data", required=True, help="a data set name or path with labels (e.g. fashion, fashion:PATH)")
+    f.add_argument("--out", required=True, help="the folder to write")
+    f.add_argument("--epochs", type=positive_int_argument, default=None,
+                   help="passes over the training split (default: about 60,000 images in all, at least 2)")
+    f.add_argument("--seed", type=seed_argument, default=0, help="random seed (default: 0)")
+
+
+def _eval(args) -> int:
+    from . import _dist, evaluate
+
+    if args.png is not None and not args.png.endswith(".png"):
+        raise ValueError(f"--png {args.png!r}: expected a file name ending in .png")
+    start = time.perf_counter()
+    ref = evaluate.reference(args.data, args.features, seed=args.seed)
+    result = evaluate.evaluate(args.samples, ref, units=args.units, k=args.k, seed=args.seed,
+                               progress=sys.stderr.isatty())
+    if result is None:  # not rank 0: it printed nothing
+        return 0
+    floor = evaluate.floor(ref, k=args.k)
+    _, units, described = evaluate.sample_chunks(args.samples, args.units)
+    print(f"{described} ({units} units) against {ref.data}: {len(ref.train_x)} training images, "
+          f"{len(ref.held_x)} held out")
+    print(evaluate.report(result, floor, ref))
+    if args.png:
+        evaluate.save_replicas(result, ref, args.png)
+        print(f"wrote {args.png}")
+    if args.json:
+        evaluate.write_json(result, floor, ref, args.json)
+        print(f"wrote {args.json}")
+    print(f"wall={time.perf_counter() - start:.2f}s processes={_dist.rank_and_world()[1]}")
+    return 0
+
+
+def _train_features(args) -> int:
+    from . import evaluate, metrics
+
+    train, held = evaluate.split_data(args.data)
+    if train.y is None or len(train.sample_shape) != 3:
+        raise ValueError(f"--data {args.data!r}: a feature network needs labelled images (C, H, W); this data set has "
+                         f"{'no labels' if train.y is None else f'items of shape {train.sample_shape}'}")
+    command = shlex.join(["scoresde", *args.argv])
+    features, accuracy = metrics.train_features(train.x, train.y, held.x, held.y, data=train.name,
+                                                num_classes=train.num_classes, seed=args.seed, epochs=args.epochs,
+                                                progress=sys.stderr.isatty(), command=command)
+    print(f"held-out accuracy {accuracy:.4f} ({len(held)} images); wrote {features.save(args.out)}")
+    return 0
 
 
 DIGITS_LEVELS = 17  # scikit-learn's digits take the integer values 0..16
@@ -141,23 +216,54 @@ def _likelihood(args) -> int:
     data = load_data("digits", n=args.n, seed=args.seed)
     levels = torch.round((data.x.double() + 1.0) * 8.0).to(torch.int64)  # back to the integers 0..16
     gen = torch.Generator().manual_seed(args.seed)
+    # Every rank draws the noise (and under torchrun the probes) of all the images, as one process
+    # does, and evaluates its share: image i keeps its dequantization and its probes however the
+    # images are split.
     x = likelihood.dequantize(levels, DIGITS_LEVELS, generator=gen).to(args.device)
     start = time.perf_counter()
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    res = likelihood.log_likelihood(model.denoiser, model.sde, x, divergence=args.divergence, probes=args.probes,
-                                    solver=args.solver, steps=args.steps, levels=DIGITS_LEVELS, generator=gen,
-                                    progress=progress)
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()  # sync: the wall time must include the GPU's work
+    with _dist.process_group(args.device) as (rank, world):
+        mine, probe_values = list(range(len(x))), None
+        if world > 1:
+            mine = _dist.shard(mine)
+            hutchinson = args.divergence == "hutchinson" or (
+                args.divergence == "auto" and x[0].numel() > likelihood.AUTO_EXACT_MAX_DIM)
+            if hutchinson:  # the probes log_likelihood would draw for the whole batch, drawn whole
+                probe_values = likelihood._draw_probes("rademacher", args.probes, x, x.dtype, gen)[:, mine]
+
+        def evaluate():
+            if not mine:
+                print(f"scoresde likelihood: rank {rank} of {world} has no image to evaluate ({len(x)} image(s), "
+                      f"{world} processes); waiting for the others", file=sys.stderr, flush=True)
+                return None
+            res = likelihood.log_likelihood(model.denoiser, model.sde, x if world == 1 else x[mine],
+                                            divergence=args.divergence, probes=args.probes, solver=args.solver,
+                                            steps=args.steps, levels=DIGITS_LEVELS, generator=gen,
+                                            progress=progress and rank == 0,
+                                            **({} if probe_values is None else {"probe_values": probe_values}))
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()  # sync: the wall time must include the GPU's work
+            return mine, res.nats.cpu(), res.bpd.cpu(), res.nfe, res.t_eps, res.divergence
+
+        shares = [share for share in _dist.on_every_rank(evaluate) if share is not None]
+    if rank != 0:
+        return 0
     wall = time.perf_counter() - start
-    bpd = res.bpd.cpu()
+    nats, bpd = (torch.cat([share[k] for share in shares]) for k in (1, 2))
+    if world > 1:  # back to the images' order
+        order = torch.tensor([i for share in shares for i in share[0]]).argsort()
+        nats, bpd = nats[order], bpd[order]
+    nfe = [share[3] for share in shares]  # per process: the same for a fixed-step solver, not for dopri5
+    t_eps, divergence = shares[0][4], shares[0][5]
     n = len(bpd)
     se = float(bpd.std() / math.sqrt(n)) if n > 1 else float("nan")
     print(f"digits: {n} images (the shipped model saw all 1,797 in training: a training-set likelihood)")
-    print(f"log-likelihood: {float(res.nats.mean()):.3f} nats per image (t_eps={res.t_eps:g}, "
-          f"divergence={res.divergence}{f', probes={args.probes}' if res.divergence == 'hutchinson' else ''})")
+    print(f"log-likelihood: {float(nats.mean()):.3f} nats per image (t_eps={t_eps:g}, "
+          f"divergence={divergence}{f', probes={args.probes}' if divergence == 'hutchinson' else ''})")
     print(f"bits/dim: {float(bpd.mean()):.4f} +- {se:.4f} (standard error over the images)")
-    print(f"solver={args.solver} NFE={res.nfe} wall={wall:.2f}s device={args.device}")
+    processes = "" if world == 1 else f" processes={world}" + (
+        f" (NFE per process: {', '.join(map(str, nfe))})" if len(set(nfe)) > 1 else "")
+    print(f"solver={args.solver} NFE={max(nfe)} wall={wall:.2f}s device={args.device}{processes}")
     return 0
 
 
@@ -242,6 +348,25 @@ def _tuned_grid(args, sde, model_id: str, shipped=()):
     return None
 
 
+def _process_device_argument(text: str) -> str:
+    """--device of sample and likelihood: a device this machine has; under torchrun, a plain "cuda" is
+    this process's GPU (cuda:LOCAL_RANK)."""
+    return _dist.local_device(device_argument(text))
+
+
+def _out_argument(text: str) -> str:
+    """--out of sample: under torchrun with many processes, a folder only (a picture or one .npy
+    file cannot be split over processes; a folder's chunks can)."""
+    import argparse
+
+    world = _dist.rank_and_world()[1]
+    if world > 1 and not (text.endswith(("/", os.sep)) or os.path.isdir(text)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: under torchrun with {world} processes, --out must be a folder (a name ending in '/'), "
+            "whose chunks the processes split; a .png or .npy file cannot be split: run one process for it")
+    return text
+
+
 def _check_out(args) -> bool:
     """Check --out before anything is loaded or drawn, creating missing folders; returns whether it
     names a folder of chunks (--batch-size only goes with one)."""
@@ -287,10 +412,13 @@ def _sample_chunks(model, sde, sample_shape, n, args, **kwargs) -> int:
                              seed=args.seed, solver=args.solver, device=args.device, progress=sys.stderr.isatty(),
                              **_solver_options(args), **kwargs)
     except KeyboardInterrupt:
-        finished = len(_chunks_on_disk(Path(args.out)))
-        print(f"scoresde sample: interrupted: {finished} of {-(-n // batch_size)} chunk(s) are finished in "
-              f"{args.out}; rerun the same command to draw the rest", file=sys.stderr)
+        if _dist.is_main():  # under torchrun, one line from rank 0
+            finished = len(_chunks_on_disk(Path(args.out)))
+            print(f"scoresde sample: interrupted: {finished} of {-(-n // batch_size)} chunk(s) are finished in "
+                  f"{args.out}; rerun the same command to draw the rest", file=sys.stderr)
         return 130
+    if not _dist.is_main():  # under torchrun: the run's summary (over every rank) once, from rank 0
+        return 0
     print(f"wrote {n} samples in {run.chunks} chunk(s) to {run.out_dir} (drew {run.drawn}, found {run.skipped} "
           f"finished) wall={time.perf_counter() - start:.3f}s; read them with scoresde.load_samples")
     return 0
@@ -434,6 +562,10 @@ def _run(args) -> int:
         return _presets(args)
     if args.command == "tune":
         return _tune(args)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "train-features":
+        return _train_features(args)
     return _export(args)
 
 

@@ -220,6 +220,19 @@ class _EpsDiv:
         return torch.stack(ests, 1)
 
 
+def _check_probe_values(values, divergence, probes, x):
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        got = f"a {values.dtype} tensor" if isinstance(values, torch.Tensor) else type(values).__name__
+        raise TypeError(f"probe_values: expected a float tensor of Hutchinson probes, got {got}")
+    if divergence != "hutchinson":
+        raise ValueError(f"probe_values: given with divergence={divergence!r}; the probes are Hutchinson's "
+                         "(divergence='hutchinson')")
+    if tuple(values.shape) != (probes, *x.shape):
+        raise ValueError(f"probe_values: shape {tuple(values.shape)}, expected (probes, *x.shape) = "
+                         f"{(probes, *x.shape)}")
+    return values
+
+
 def _draw_probes(kind, count, like, dtype, generator):
     where = generator.device if generator is not None else like.device
     shape = (count,) + tuple(like.shape)
@@ -315,7 +328,7 @@ def log_likelihood(model: Callable, sde: VPSDE, x: torch.Tensor, *, t_eps: float
                    divergence: str = "auto", probes: int = 1, probe: str = "rademacher", solver: str = "dopri5",
                    steps: int | None = None, rtol: float = 1e-5, atol: float = 1e-5, levels: int | None = None,
                    generator: torch.Generator | None = None, return_stats: bool = False,
-                   progress: bool = False) -> LikelihoodResult:
+                   progress: bool = False, probe_values: torch.Tensor | None = None) -> LikelihoodResult:
     """log p_{t_eps}(x) per sample through the probability-flow ODE (Song et al. 2021, sec. 4.3).
 
     The ODE state is float64 (the model sees x's dtype); nats come back as float64 on x's device.
@@ -346,6 +359,10 @@ def log_likelihood(model: Callable, sde: VPSDE, x: torch.Tensor, *, t_eps: float
         progress: a tqdm progress bar with an ETA on stderr: the steps of a fixed-step solver, or the
             log-SNR span dopri5 has covered (its ETA is rough: step sizes change along the way),
             with the model calls so far.
+        probe_values: Hutchinson's probes themselves, (probes, *x.shape), instead of drawing them
+            from `generator`: a run split over processes draws the probes of the whole batch once
+            and passes each process its share, ``z[:, share]``, so that every sample keeps its
+            probes (what `scoresde likelihood` does under torchrun).
 
     Returns:
         A `LikelihoodResult` (nats per sample, bpd when `levels` is given, the NFE, and the stats
@@ -393,7 +410,14 @@ def log_likelihood(model: Callable, sde: VPSDE, x: torch.Tensor, *, t_eps: float
     if divergence == "auto":
         divergence = "exact" if dim <= AUTO_EXACT_MAX_DIM else "hutchinson"
     state_dtype = F64 if x.device.type != "mps" else torch.float32  # MPS has no float64
-    z = _draw_probes(probe, probes, x, x.dtype, generator) if divergence == "hutchinson" else None
+    if probe_values is not None:
+        probe_values = _check_probe_values(probe_values, divergence, probes, x)
+    if divergence != "hutchinson":
+        z = None
+    elif probe_values is not None:
+        z = probe_values.to(x.device, x.dtype)
+    else:
+        z = _draw_probes(probe, probes, x, x.dtype, generator)
     eps_div = _EpsDiv(denoiser, z, x.dtype)
 
     times = torch.tensor([t_eps, sde.T], dtype=F64)

@@ -28,10 +28,12 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> t
     return grid
 
 
-def save_image_grid(images: torch.Tensor, path: str, *, title: str | None = None, scale: int = 8):
-    """Write (N, C, H, W) images in [0, 1] as one PNG grid, each pixel `scale` pixels wide."""
+def save_image_grid(images: torch.Tensor, path: str, *, title: str | None = None, scale: int = 8,
+                    nrow: int | None = None):
+    """Write (N, C, H, W) images in [0, 1] as one PNG grid, each pixel `scale` pixels wide, `nrow`
+    images to a row (default: a square)."""
     plt = _pyplot()
-    grid = image_grid(images)
+    grid = image_grid(images, nrow)
     c, h, w = grid.shape
     fig = plt.figure(figsize=(w * scale / 100, h * scale / 100 + (0.3 if title else 0)), dpi=100)
     ax = fig.add_axes((0, 0, 1, h / (h + (30 / scale if title else 0))))

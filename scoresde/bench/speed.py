@@ -189,20 +189,37 @@ def _ours(bench: Bench, solver: str, nfe: int | None, tolerance: float | None):
     return info.nfe
 
 
-def _diffusers(bench: Bench, scheduler, nfe: int):
-    """A diffusers scheduler loop driving our network: timestep n (fractional for Euler/Heun) is
-    the network's time t = (n + 1)/N."""
-    denoiser, _, _ = bench.model
+def diffusers_scheduler(diffusers, cls: str):
+    """A fresh diffusers scheduler `cls` (a name in DIFFUSERS_LOOPS) on Ho et al.'s linear chain."""
+    return getattr(diffusers, cls)(num_train_timesteps=N_TRAIN, beta_schedule="linear", beta_start=1e-4,
+                                   beta_end=0.02)
+
+
+def diffusers_calls(cls: str, nfe: int) -> int:
+    """The model calls `diffusers_loop` makes with scheduler `cls` at budget `nfe`: Heun makes 2k - 1
+    for k timesteps, so only an odd budget is met exactly; the others make `nfe`."""
+    return 2 * ((nfe + 1) // 2) - 1 if cls == "HeunDiscreteScheduler" else nfe
+
+
+def diffusers_loop(denoiser, x_T: torch.Tensor, scheduler, nfe: int, generator: torch.Generator):
+    """A diffusers scheduler loop driving our network from x_T: timestep n (fractional for
+    Euler/Heun) is the network's time t = (n + 1)/N. Returns (samples, model calls); the caller
+    chooses torch.no_grad."""
     heun = type(scheduler).__name__ == "HeunDiscreteScheduler"
-    scheduler.set_timesteps((nfe + 1) // 2 if heun else nfe, device=bench.device)  # Heun: 2 calls a step, 1 last
+    scheduler.set_timesteps((nfe + 1) // 2 if heun else nfe, device=x_T.device)  # Heun: 2 calls a step, 1 last
     timesteps = scheduler.timesteps.tolist()  # sync: once, before the loop (the adapter needs host floats)
-    x = bench.x_T * scheduler.init_noise_sigma
-    generator = torch.Generator(bench.device).manual_seed(1)
+    x = x_T * scheduler.init_noise_sigma
     noisy = "generator" in inspect.signature(scheduler.step).parameters
     for n, t in zip(timesteps, scheduler.timesteps, strict=True):
         eps = denoiser.eps(scheduler.scale_model_input(x, t), (n + 1) / N_TRAIN)
         x = scheduler.step(eps, t, x, **({"generator": generator} if noisy else {})).prev_sample
-    return len(timesteps)
+    return x, len(timesteps)
+
+
+def _diffusers(bench: Bench, scheduler, nfe: int):
+    """`diffusers_loop` on the setting's network and x_T; its model calls."""
+    denoiser, _, _ = bench.model
+    return diffusers_loop(denoiser, bench.x_T, scheduler, nfe, torch.Generator(bench.device).manual_seed(1))[1]
 
 
 class _Counted:
@@ -296,9 +313,7 @@ def cases(setting: Setting, env) -> list[Case]:
 
 
 def _diffusers_case(bench: Bench, diffusers, cls: str, nfe: int):
-    scheduler = getattr(diffusers, cls)(num_train_timesteps=N_TRAIN, beta_schedule="linear",
-                                        beta_start=1e-4, beta_end=0.02)
-    return _diffusers(bench, scheduler, nfe)
+    return _diffusers(bench, diffusers_scheduler(diffusers, cls), nfe)
 
 
 def measure(bench: Bench, case: Case) -> list[dict]:

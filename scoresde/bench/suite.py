@@ -1,10 +1,14 @@
 """`scoresde bench`: the whole benchmark suite under one progress bar.
 
-    scoresde bench [--quick] [--out results/bench] [--only quality speed train] [--threads N] [--device D]
+    scoresde bench [--quick] [--out results/bench] [--only quality speed train real] [--threads N] [--device D]
 
 Writes into --out: results.json (every raw number, with the machine, versions, command and date),
-results.md (the tables) and PNG plots: quality_<problem>.png (quality against NFE, log-log) and
-speed.png (time per model call). Peers it cannot import are skipped, and it says which.
+results.md (the tables) and PNG plots: quality_<problem>.png (quality against NFE, log-log),
+speed.png (time per model call), and with the real part real_fd_time.png and real_fd_nfe.png
+(Fréchet distance of the digits network's samples against time per sample and against NFE).
+Peers it cannot import are skipped, and it says which. The full suite runs every part; --quick
+leaves out real (every fixed-step solver on the shipped digits network, measured by
+`scoresde.evaluate`: minutes even in its quick profile) unless --only names it.
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .._util import positive_int_argument
-from . import quality, speed, training
+from . import quality, real, speed, training
 from .report import Env, machine, versions
 
-PARTS = {"quality": quality, "speed": speed, "train": training}
+PARTS = {"quality": quality, "speed": speed, "train": training, "real": real}
+QUICK_PARTS = ("quality", "speed", "train")  # --quick's default: real takes minutes even when quick
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,13 +37,18 @@ def _parser() -> argparse.ArgumentParser:
                                 "results.json (raw), results.md (tables) and PNG plots into --out.",
                                 epilog="Parts: quality (exact mixtures, against diffusers), speed (real "
                                        "networks: time per sample and per NFE, ratio to bare forwards, "
-                                       "peak memory), train (training images/s).")
-    p.add_argument("--quick", action="store_true", help="a small version of every part (under two minutes "
-                                                         "on 2 CPU cores)")
+                                       "peak memory), train (training images/s), real (every fixed-step "
+                                       "solver, the shipped tuned grids and diffusers on the shipped digits "
+                                       "network: Fréchet distance, precision/recall, coverage and replication "
+                                       "against time per sample; --quick runs it only when --only names it).")
+    p.add_argument("--quick", action="store_true", help="a small version of every part (quality, speed and "
+                                                         "train: under two minutes on 2 CPU cores; real: about "
+                                                         "five)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a smoke run, for the tests
     p.add_argument("--out", default="results/bench", help="results folder (default: results/bench)")
-    p.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS), metavar="PART",
-                   help=f"run only these parts, of {', '.join(PARTS)} (default: all)")
+    p.add_argument("--only", nargs="+", choices=list(PARTS), default=None, metavar="PART",
+                   help=f"run only these parts, of {', '.join(PARTS)} (default: all; with --quick: "
+                        f"{' '.join(QUICK_PARTS)})")
     p.add_argument("--threads", type=positive_int_argument, default=None,
                    help="torch threads (default: torch's; 1 gives steadier numbers on a busy machine)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -49,7 +59,8 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     profile = "tiny" if args.tiny else "quick" if args.quick else "full"
     try:
-        return run_parts({name: profile for name in args.only}, out=args.out, threads=args.threads,
+        parts = args.only or (list(PARTS) if profile == "full" else list(QUICK_PARTS))
+        return run_parts({name: profile for name in parts}, out=args.out, threads=args.threads,
                          device=args.device, command="scoresde bench", argv=argv, profile=profile)
     except ValueError as err:  # bad input gets its message, not a traceback
         print(f"scoresde bench: error: {err}", file=sys.stderr)

@@ -31,6 +31,11 @@ PRESETS: dict[str, dict] = {
     # scikit-learn's 8x8 digits, 10 classes plus the null class: the shipped model, trained on CPU.
     "digits": dict(architecture="UNet", image_size=8, in_channels=1, base_channels=32, channel_mults=[1, 2, 2],
                    num_res_blocks=1, attention_resolutions=[4], dropout=0.1, num_classes=10, num_groups=8),
+    # Fashion-MNIST, 28x28 grayscale, 10 classes plus the null class: three levels 28 -> 14 -> 7
+    # (28 divides by 2**2), attention at 14x14 and in the middle at 7x7; 1.62M parameters, 6.5 MB
+    # of float32 safetensors.
+    "fashion": dict(architecture="UNet", image_size=28, in_channels=1, base_channels=32, channel_mults=[1, 2, 2],
+                    num_res_blocks=2, attention_resolutions=[14], dropout=0.1, num_classes=10, num_groups=8),
     # Ho et al. 2020's CIFAR-10 network (35.7M parameters).
     "cifar10": dict(architecture="UNet", image_size=32, in_channels=3, base_channels=128,
                     channel_mults=[1, 2, 2, 2], num_res_blocks=2, attention_resolutions=[16], dropout=0.1,

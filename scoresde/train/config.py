@@ -120,6 +120,12 @@ PRESETS = {
     "toy2d": TrainConfig(data="mixture", model="toy2d", steps=5000, batch_size=512, lr=1e-3, warmup=100,
                          cond_drop=0.0, sample_n=2000, sample_every=1000, ckpt_every=1000, log_every=100,
                          out="runs/toy2d"),
+    # Fashion-MNIST's 60,000 training images (found in $SCORESDE_FASHION_MNIST or Debian's
+    # /usr/share/datasets/fashion-mnist; or data=fashion:FOLDER), the 1.62M-parameter `fashion` UNet:
+    # about 43 epochs. A GPU run; see docs/training.md for its measured CPU cost.
+    "fashion": TrainConfig(data="fashion", model="fashion", steps=20_000, batch_size=128, lr=5e-4, warmup=500,
+                           ema_decay=0.9995, sample_every=2000, ckpt_every=2000, log_every=100,
+                           out="runs/fashion"),
     # Ho et al. 2020's CIFAR-10 run (35.7M parameters); point `data` at a local cifar-10-batches-py.
     "cifar10": TrainConfig(data="cifar-10-batches-py", model="cifar10", steps=800_000, batch_size=128, lr=2e-4,
                            warmup=5000, ema_decay=0.9999, cond_drop=0.0, sample_every=10_000,

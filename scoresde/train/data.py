@@ -9,12 +9,22 @@ of the centred coordinates), so the shape keeps its aspect ratio and has unit ov
 mixture stays the ground truth in model units. Every `Data` carries `to_data_units`, the inverse
 map back to the data set's own units.
 
+Fashion-MNIST (Zalando's 70,000 28x28 grayscale clothing images, 10 classes) is read from the IDX
+files it is distributed as: "fashion" (the training split, 60,000 images) and "fashion-test" (the
+test split, 10,000) find the folder through the environment variable SCORESDE_FASHION_MNIST, else
+/usr/share/datasets/fashion-mnist (Debian's package dataset-fashion-mnist); "fashion:FOLDER" and
+"fashion-test:FOLDER" name it; a plain path to such a folder reads its training split. The IDX
+reader takes gzip or raw files and checks the header against the file's real size before it
+reads: a crafted or truncated file is refused naming it, and nothing larger than the file can
+hold is allocated.
+
 Nothing is downloaded: digits ship with scikit-learn, the toy sets are generated, everything else
 is read from a local path. Pickled CIFAR-10 batches go through a restricted unpickler that runs
 nothing and builds no numpy object: the one uint8 array is rebuilt from its checked bytes.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import math
@@ -23,6 +33,7 @@ import pickle
 import pickletools
 import struct
 import warnings
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +45,7 @@ from ..analytic import GaussianMixture
 from ..sde import VPSDE
 from ..units import EIGHT_BIT, IDENTITY, Affine
 
-DATASETS = ("digits", "moons", "swissroll", "mixture")
+DATASETS = ("digits", "moons", "swissroll", "mixture", "fashion", "fashion-test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TOY_DEFAULT_N = 10_000
 
@@ -100,9 +111,12 @@ def _describe(value) -> str:
 def load_data(source, *, n: int | None = None, seed: int = 0) -> Data:
     """Load a named data set or read one from a local path.
 
-    source: one of DATASETS, or a path to a folder of PNG/JPEG images, a CIFAR-10 python folder
-    (holding data_batch_1..5, or its parent), or a .npy/.npz file. Names win over same-named
-    folders in the working directory (write "./digits" for the folder).
+    source: one of DATASETS, "fashion:FOLDER" or "fashion-test:FOLDER" (Fashion-MNIST's training or
+    test split from that folder of IDX files), or a path to a folder of PNG/JPEG images, a
+    Fashion-MNIST folder (its training split), a CIFAR-10 python folder (holding data_batch_1..5,
+    or its parent), or a .npy/.npz file. Names win over same-named folders in the working
+    directory (write "./digits" for the folder). "fashion" and "fashion-test" look for the folder
+    in $SCORESDE_FASHION_MNIST, else in /usr/share/datasets/fashion-mnist.
     n: toy sets draw n points (default 10,000); finite sets keep a random subset of n items
     (without replacement, drawn with `seed`, in their original order); None keeps them all.
     seed: the toy sets' random state and the subset's draw.
@@ -115,19 +129,25 @@ def load_data(source, *, n: int | None = None, seed: int = 0) -> Data:
         raise ValueError(f"n={n!r}: expected None or an int >= 1")
     if isinstance(source, str) and source in DATASETS:
         return _NAMED[source](n, seed)
+    if isinstance(source, str) and source.partition(":")[0] in FASHION_SPLITS and ":" in source:
+        name, _, folder = source.partition(":")
+        return _subset(_fashion_from(folder, name, source), n, seed)
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source={source!r}: expected a data set name {DATASETS} or a path")
     path = Path(source)
     if not path.exists():
         if isinstance(source, str) and os.sep not in source and "/" not in source and not path.suffix:
-            raise ValueError(f"source={source!r}: unknown data set; expected one of {DATASETS} or a path "
-                             "to an image folder, a CIFAR-10 python folder, or a .npy/.npz file")
+            raise ValueError(f"source={source!r}: unknown data set; expected one of {DATASETS}, "
+                             "'fashion:FOLDER', or a path to an image folder, a Fashion-MNIST or CIFAR-10 "
+                             "folder, or a .npy/.npz file")
         raise DataPathError(2, "data path does not exist", str(source))
     return _subset(_read_path(path), n, seed)
 
 
 def _read_path(path: Path) -> Data:
     if path.is_dir():
+        if _is_fashion_dir(path):
+            return _load_fashion(path, "train", str(path))
         cifar = _cifar_dir(path)
         return _load_cifar(cifar) if cifar is not None else _load_image_folder(path)
     suffix = path.suffix.lower()
@@ -214,7 +234,18 @@ def _mixture(n, seed) -> Data:
     return Data(x, k, len(mix.weights), "mixture", IDENTITY, _observed_range(x))
 
 
-_NAMED = {"digits": _digits, "moons": _moons, "swissroll": _swissroll, "mixture": _mixture}
+def _fashion(n, seed) -> Data:
+    """Fashion-MNIST's training split (60,000 images) from the folder _find_fashion finds."""
+    return _subset(_load_fashion(_find_fashion("fashion"), "train", "fashion"), n, seed)
+
+
+def _fashion_test(n, seed) -> Data:
+    """Fashion-MNIST's test split (10,000 images), held-out real data for evaluation."""
+    return _subset(_load_fashion(_find_fashion("fashion-test"), "test", "fashion-test"), n, seed)
+
+
+_NAMED = {"digits": _digits, "moons": _moons, "swissroll": _swissroll, "mixture": _mixture,
+          "fashion": _fashion, "fashion-test": _fashion_test}
 
 
 def _observed_range(x: torch.Tensor) -> tuple:
@@ -693,6 +724,183 @@ def _load_cifar(folder: Path) -> Data:
     x = torch.from_numpy(images).to(torch.float32) / 127.5 - 1.0
     y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     return Data(x, y, 10, str(folder), EIGHT_BIT, EIGHT_BIT_RANGE)
+
+
+# ---- IDX files and Fashion-MNIST ------------------------------------------------------------
+
+# IDX (the format of LeCun's MNIST and Zalando's Fashion-MNIST): a big-endian magic number 00 00
+# <type> <number of dimensions>, one big-endian uint32 size per dimension, then the values, C order.
+_IDX_TYPES = {0x08: "uint8", 0x09: "int8", 0x0B: "int16", 0x0C: "int32", 0x0D: "float32", 0x0E: "float64"}
+_IDX_UINT8 = 0x08
+_GZIP_MAGIC = b"\x1f\x8b"
+# Deflate expands at most about 1032:1, so a gzip file of S bytes cannot hold more than this times S.
+_DEFLATE_MAX_RATIO = 1032
+_IDX_CHUNK = 1 << 20
+
+# The split -> (images file, labels file), as Zalando distributes them (each also as NAME.gz).
+FASHION_SPLITS = {"fashion": "train", "fashion-test": "test"}
+FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+                 "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FASHION_ENV = "SCORESDE_FASHION_MNIST"
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_CLASSES = 10
+
+
+def read_idx(path) -> np.ndarray:
+    """The uint8 array an IDX file holds, gzip-compressed (found by its magic bytes 1f 8b) or raw.
+
+    The header's sizes are checked against the file's real size before the data is read: a raw
+    file must hold exactly the header and prod(sizes) bytes; a gzip file may hold no more than
+    deflate's largest expansion of its size, and is read in chunks that stop one byte past what
+    the header promises, so a crafted header allocates nothing the file does not hold.
+
+    Raises:
+        ValueError: naming the file: not an IDX header, a type other than uint8 (0x08), a size that
+            differs from the header's (truncated, or trailing bytes), or a corrupt gzip stream.
+    """
+    path = Path(path)
+    with path.open("rb") as raw:
+        file_size = os.fstat(raw.fileno()).st_size
+        gzipped = raw.read(2) == _GZIP_MAGIC
+        raw.seek(0)
+        if not gzipped:
+            return _read_idx_stream(raw, path, file_size, gzipped=False)
+        try:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as stream:
+                return _read_idx_stream(stream, path, file_size, gzipped=True)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # a corrupt or cut-off gzip stream
+            raise ValueError(f"{str(path)!r}: not a readable gzip file ({type(err).__name__}: {err})") from err
+
+
+def _read_idx_stream(f, path: Path, file_size: int, gzipped: bool) -> np.ndarray:
+    """The array from the IDX stream `f` (the file itself, or its decompressed gzip stream)."""
+    where = str(path)
+    magic = f.read(4)
+    if len(magic) < 4 or magic[:2] != b"\0\0" or magic[3] == 0:
+        raise ValueError(f"{where!r}: not an IDX file: it starts with {magic.hex(' ') or '(nothing)'}; expected "
+                         "00 00, a type code and the number of dimensions (>= 1)")
+    if magic[2] != _IDX_UINT8:
+        kind = _IDX_TYPES.get(magic[2], "an unknown type")
+        raise ValueError(f"{where!r}: IDX data of type 0x{magic[2]:02x} ({kind}); only 0x08 (uint8) is supported")
+    ndim = magic[3]
+    head = f.read(4 * ndim)
+    if len(head) != 4 * ndim:
+        raise ValueError(f"{where!r}: truncated IDX header: {ndim} dimensions need {4 * ndim} bytes of sizes, "
+                         f"the file holds {len(head)}")
+    shape = struct.unpack(f">{ndim}I", head)
+    expected = math.prod(shape)
+    if gzipped:
+        if expected > _DEFLATE_MAX_RATIO * file_size:
+            raise ValueError(f"{where!r}: the IDX header promises shape {shape}, {expected} bytes, more than a "
+                             f"gzip file of {file_size} bytes can hold")
+        data = _read_at_most(f, expected + 1)
+    else:
+        have = file_size - 4 - 4 * ndim
+        if have != expected:
+            _idx_size_error(where, shape, expected, have)
+        data = f.read(expected)
+    if len(data) != expected:
+        _idx_size_error(where, shape, expected, len(data), at_least=gzipped)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
+
+
+def _idx_size_error(where: str, shape: tuple, expected: int, have: int, at_least: bool = False):
+    """Raise for IDX data of another size than the header's (truncated, or with trailing bytes)."""
+    if have < expected:
+        raise ValueError(f"{where!r}: truncated IDX file: the header promises shape {shape}, {expected} bytes of "
+                         f"data, but the file holds {have}")
+    more = "more" if at_least else f"{have - expected}"
+    raise ValueError(f"{where!r}: IDX file with trailing bytes: the header promises shape {shape}, {expected} "
+                     f"bytes of data, and {more} bytes follow them")
+
+
+def _read_at_most(f, limit: int) -> bytes:
+    """Up to `limit` bytes of the stream `f`, read in chunks (no buffer of `limit` bytes up front)."""
+    chunks, total = [], 0
+    while total < limit:
+        chunk = f.read(min(_IDX_CHUNK, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _fashion_file(folder: Path, name: str) -> Path | None:
+    """folder/name, else folder/name.gz, else None."""
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_fashion_dir(folder: Path) -> bool:
+    """Whether `folder` holds any of Fashion-MNIST's four IDX files (raw or .gz)."""
+    return any(_fashion_file(folder, name) is not None for pair in FASHION_FILES.values() for name in pair)
+
+
+def _find_fashion(source: str) -> Path:
+    """The Fashion-MNIST folder for `source` ("fashion" or "fashion-test"): $SCORESDE_FASHION_MNIST
+    when set (it must then be a folder), else Debian's /usr/share/datasets/fashion-mnist.
+
+    Raises:
+        DataPathError: the variable names no folder, or it is unset and the system folder is absent.
+    """
+    env = os.environ.get(FASHION_ENV)
+    if env:
+        if not Path(env).is_dir():
+            raise DataPathError(f"source={source!r}: {FASHION_ENV}={env!r} is not a folder; point it at the "
+                                "folder holding Fashion-MNIST's IDX files, or unset it")
+        return Path(env)
+    if FASHION_SYSTEM_DIR.is_dir():
+        return FASHION_SYSTEM_DIR
+    raise DataPathError(f"source={source!r}: no Fashion-MNIST folder found: {FASHION_ENV} is not set and "
+                        f"{str(FASHION_SYSTEM_DIR)!r} does not exist; install it (apt install "
+                        f"dataset-fashion-mnist), set {FASHION_ENV}=FOLDER, or write source='{source}:FOLDER' "
+                        "for a folder holding Zalando's four IDX files")
+
+
+def _fashion_from(folder: str, name: str, source: str) -> Data:
+    """The split `name` ("fashion" or "fashion-test") from the folder of a "fashion:FOLDER" source."""
+    if not folder:
+        raise ValueError(f"source={source!r}: expected {name}:FOLDER, a folder holding Fashion-MNIST's IDX files")
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataPathError(2, f"source={source!r}: Fashion-MNIST folder does not exist or is not a folder",
+                            folder)
+    return _load_fashion(path, FASHION_SPLITS[name], name)
+
+
+def _load_fashion(folder: Path, split: str, name: str) -> Data:
+    """One split of a Fashion-MNIST folder: images (N, 1, H, W) as v / 127.5 - 1, labels 0..9.
+
+    Raises:
+        DataPathError: the split's images or labels file is missing (raw or .gz).
+        ValueError: naming the file: what read_idx refuses, images that are not (N, H, W) or hold
+            none, labels that are not (N,) for the images' N, or a label outside 0..9.
+    """
+    images_name, labels_name = FASHION_FILES[split]
+    files = [_fashion_file(folder, images_name), _fashion_file(folder, labels_name)]
+    missing = [n for n, f in zip((images_name, labels_name), files) if f is None]
+    if missing:
+        raise DataPathError(f"{str(folder)!r}: no {' or '.join(f'{m}[.gz]' for m in missing)} in this folder; a "
+                            f"Fashion-MNIST folder holds {', '.join(n for p in FASHION_FILES.values() for n in p)} "
+                            "(each raw or .gz)")
+    images_file, labels_file = files
+    images, labels = read_idx(images_file), read_idx(labels_file)
+    if images.ndim != 3 or images.shape[0] == 0:
+        raise ValueError(f"{str(images_file)!r}: expected images of shape (N, height, width) with N >= 1, got "
+                         f"shape {images.shape}")
+    if labels.shape != images.shape[:1]:
+        raise ValueError(f"{str(labels_file)!r}: expected {len(images)} labels, one per image of "
+                         f"{str(images_file)!r}, got shape {labels.shape}")
+    bad = np.flatnonzero(labels >= FASHION_CLASSES)
+    if len(bad):
+        raise ValueError(f"{str(labels_file)!r}: label {labels[bad[0]]} at index {bad[0]} is outside "
+                         f"0..{FASHION_CLASSES - 1} ({len(bad)} such labels)")
+    x = torch.from_numpy(images.astype(np.float32))[:, None] / 127.5 - 1.0
+    y = torch.from_numpy(labels.astype(np.int64))
+    return Data(x.contiguous(), y, FASHION_CLASSES, name, EIGHT_BIT, EIGHT_BIT_RANGE)
 
 
 # ---- arrays ---------------------------------------------------------------------------------

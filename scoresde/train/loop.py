@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .. import nn as networks
+from .. import _dist, nn as networks
 from .._lock import FolderLockedError, folder_lock  # noqa: F401 (FolderLockedError: what train raises)
 from ..prediction import Denoiser
 from ..solvers import SOLVERS, sample
@@ -42,28 +42,16 @@ from .objective import diffusion_loss
 @contextlib.contextmanager
 def _processes():
     """(rank, world size, local rank) from torchrun's environment for the `with` block; one process
-    without it. A process group started here is left in order: after a run that ended together on
-    every rank (finished, or stopped by a signal at the same step), each rank waits for the others
-    before leaving, since gloo aborts a process whose peer closes the connection under it."""
-    if "RANK" not in os.environ:
-        yield 0, 1, 0
-        return
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    started = not dist.is_initialized()
-    if started:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    together = False
-    try:
-        yield rank, world, local
-        together = True
-    except TrainingInterrupted as stop:
-        together = stop.saved  # a second signal stops one rank at once: no waiting for the others then
-        raise
-    finally:
-        if started:
-            if together:
-                dist.barrier()
-            dist.destroy_process_group()
+    without it. The process group (`scoresde._dist.process_group`) is left in order: after a run that
+    ended together on every rank (finished, refused by rank 0, or stopped by a signal at the same
+    step), each rank waits for the others before leaving, since gloo aborts a process whose peer
+    closes the connection under it."""
+    def stopped_together(error: BaseException) -> bool:
+        # A second signal stops one rank at once: no waiting for the others then.
+        return isinstance(error, TrainingInterrupted) and error.saved
+
+    with _dist.process_group(ended_together=stopped_together) as (rank, world):
+        yield rank, world, int(os.environ.get("LOCAL_RANK", 0))
 
 
 def _device(config: TrainConfig, local_rank: int) -> torch.device:
@@ -112,24 +100,8 @@ def _prepare_folder(out: Path, resume: bool, overwrite: bool) -> bool:
     return False
 
 
-def _on_rank_0(main: bool, world: int, device: torch.device, decide):
-    """`decide()` on rank 0, its result or its error on every rank: ranks 1.. must not go on into
-    a collective that rank 0, having refused the folder, never joins."""
-    outcome = [None, None]
-    if main:
-        try:
-            outcome[0] = decide()
-        except (ValueError, OSError) as e:
-            outcome[1] = e
-    if world > 1:
-        dist.broadcast_object_list(outcome, src=0, device=device)
-    if outcome[1] is not None:
-        raise outcome[1]
-    return outcome[0]
-
-
 @contextlib.contextmanager
-def _run_folder(out: Path, resume: bool, overwrite: bool, main: bool, world: int, device: torch.device):
+def _run_folder(out: Path, resume: bool, overwrite: bool):
     """Hold `out`'s writer's lock (rank 0: the one that writes) for the `with` block; yields whether
     to resume."""
     with contextlib.ExitStack() as held:
@@ -138,7 +110,7 @@ def _run_folder(out: Path, resume: bool, overwrite: bool, main: bool, world: int
             held.enter_context(folder_lock(out))
             return _prepare_folder(out, resume, overwrite)
 
-        yield _on_rank_0(main, world, device, claim)
+        yield _dist.on_main(claim)
 
 
 # ---- stopping on a signal ------------------------------------------------------------------------
@@ -304,7 +276,7 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False)
             raise ValueError(f"batch_size={config.batch_size} must be a multiple of processes x grad_accum "
                              f"= {world} x {config.grad_accum}")
         stop = _StopRequest()
-        with _run_folder(Path(config.out), resume, overwrite, rank == 0, world, device) as resume:
+        with _run_folder(Path(config.out), resume, overwrite) as resume:
             try:
                 return _train(config, resume, rank, world, device, stop)
             except KeyboardInterrupt:

@@ -47,7 +47,7 @@ def test_the_frechet_distance_matches_the_symmetric_form():
 def test_the_shipped_digits_classifier_knows_digits_it_never_saw():
     _, _, x_held, y_held = M.digits_split()
     with torch.no_grad():
-        accuracy = float((M.digits_classifier()(x_held).argmax(1) == y_held).float().mean())
+        accuracy = float((M.load_features("digits").net(x_held).argmax(1) == y_held).float().mean())
     assert accuracy >= 0.95
     record = json.loads((M.DIGITS_FEATURES / "config.json").read_text())
     assert record["accuracy_held_out"] == pytest.approx(accuracy, abs=1e-6)

@@ -132,7 +132,7 @@ def test_bad_overrides_are_named(item, fragment):
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ValueError, match="digits, toy2d, cifar10"):
+    with pytest.raises(ValueError, match="digits, toy2d, fashion, cifar10"):
         preset("mnist")
 
 

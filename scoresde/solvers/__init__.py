@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .._util import F64, MAX_SAMPLING_STEPS, check_count, check_device, check_flag, check_shape, check_tensor
+from .._util import (F64, MAX_SAMPLING_STEPS, check_count, check_device, check_flag, check_shape, check_tensor,
+                     host_floats)
 from ..grids import GRIDS, TunedGrid
 from ..prediction import as_model, declared_sample_shape
 from ..sde import VPSDE
@@ -24,12 +25,14 @@ DEFAULT_NFE = 50  # steps default to about this many model calls
 
 @dataclass
 class SampleInfo:
-    """What a sampling run did: model calls (the final denoising step included) and its grid."""
+    """What a sampling run did: model calls (the final denoising step included), its grid, and the time
+    t_start it started from (T, an explicit grid's first time, or SDEdit's t_start: see `sample`)."""
 
     nfe: int
     solver: str
     steps: int | None
-    times: torch.Tensor  # float64, from T down to t_end
+    times: torch.Tensor  # float64, from t_start down to t_end
+    t_start: float | None = None  # times[0]; filled in by `sample`
 
 
 def _solver(name) -> Solver:
@@ -53,6 +56,17 @@ def _check_t_end(sde: VPSDE, t_end):
     if not 0.0 < t_end < sde.T:
         raise ValueError(f"t_end={t_end!r}: expected a float in (0, {sde.T}) (t = 0 is the data)")
     return float(t_end)
+
+
+def _check_t_start(sde: VPSDE, t_start, t_end: float) -> float:
+    """SDEdit's t_start: a float in (t_end, T], where the given images are noised to and the solver starts."""
+    if isinstance(t_start, bool) or not isinstance(t_start, (int, float)):
+        raise TypeError(f"t_start={t_start!r}: expected a float in (t_end, T] = ({t_end}, {sde.T}], the time the "
+                        "x_start images are noised to")
+    if not t_end < t_start <= sde.T:  # NaN fails too
+        raise ValueError(f"t_start={t_start!r}: expected a float in (t_end, T] = ({t_end}, {sde.T}], the time the "
+                         "x_start images are noised to")
+    return float(t_start)
 
 
 def _check_plan_size(what: str, steps: int):
@@ -92,13 +106,13 @@ def _calls_per_step(spec: Solver, options: dict) -> int:
     return _CALLS_PER_STEP[key]
 
 
-def _made_grid(fn: Callable, sde: VPSDE, steps: int, t_end: float) -> tuple[torch.Tensor, set]:
-    """fn's grid, checked, and the dtypes it is known to be resolved in (empty when new)."""
-    key = (fn, sde.schedule, steps, t_end)  # the schedule object: the math, even if an sde's is swapped
+def _made_grid(fn: Callable, sde: VPSDE, steps: int, t_start: float, t_end: float) -> tuple[torch.Tensor, set]:
+    """fn's grid from t_start to t_end, checked, and the dtypes it is known to be resolved in (empty when new)."""
+    key = (fn, sde.schedule, steps, t_start, t_end)  # the schedule object: the math, even if an sde's is swapped
     if key in _GRIDS_MADE:
         _GRIDS_MADE.move_to_end(key)
         return _GRIDS_MADE[key]
-    made = (_check_times(fn(sde, steps, sde.T, t_end), sde, "grid(...)"), set())
+    made = (_check_times(fn(sde, steps, t_start, t_end), sde, "grid(...)"), set())
     if getattr(fn, "__module__", None) == "scoresde.grids":  # the library's own grids are pure: kept
         _GRIDS_MADE[key] = made
         if len(_GRIDS_MADE) > GRID_CACHE_SIZE:
@@ -106,9 +120,10 @@ def _made_grid(fn: Callable, sde: VPSDE, steps: int, t_end: float) -> tuple[torc
     return made
 
 
-def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end, options: dict) -> tuple[torch.Tensor, set]:
-    """The float64 CPU grid from T down to t_end, after checking steps/grid/t_end together, and the
-    dtypes the schedule is known to resolve on it."""
+def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end, options: dict,
+               t_start: float | None = None) -> tuple[torch.Tensor, set]:
+    """The float64 CPU grid from T (or SDEdit's t_start, when given) down to t_end, after checking
+    steps/grid/t_start/t_end together, and the dtypes the schedule is known to resolve on it."""
     if spec.adaptive and (steps is not None or grid is not None):
         given = f"steps={steps!r}" if steps is not None else f"grid={grid!r}"
         raise ValueError(f"solver {spec.name!r} is adaptive: it takes rtol/atol, not {given}")
@@ -116,13 +131,17 @@ def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end, options: dict) -> t
         times = _check_times(grid, sde, "grid")
         if steps is not None and steps != len(times) - 1:
             raise ValueError(f"steps={steps!r} disagrees with the explicit grid of {len(times) - 1} steps")
-        last = times[-1].item()  # sync: none, a CPU grid
+        first, last = host_floats(times[[0, -1]])  # sync: none, a CPU grid
         if t_end is not None and not math.isclose(_check_t_end(sde, t_end), last):
             raise ValueError(f"t_end={t_end!r} disagrees with the explicit grid's last time {last}")
+        if t_start is not None and not math.isclose(_check_t_start(sde, t_start, last), first):
+            raise ValueError(f"t_start={t_start!r} disagrees with the explicit grid's first time {first}: the grid "
+                             "must start where the x_start images are noised to")
         return times, set()
     t_end = _check_t_end(sde, t_end)
+    t_start = sde.T if t_start is None else _check_t_start(sde, t_start, t_end)
     if spec.adaptive:
-        return torch.tensor([sde.T, t_end], dtype=F64), set()
+        return torch.tensor([t_start, t_end], dtype=F64), set()
     if steps is None:
         steps = max(1, DEFAULT_NFE // _calls_per_step(spec, options))
     check_count("steps", steps, maximum=None)
@@ -134,36 +153,38 @@ def _time_grid(spec: Solver, sde: VPSDE, steps, grid, t_end, options: dict) -> t
         grid = GRIDS[grid]
     if not callable(grid):
         raise TypeError(f"grid={grid!r}: expected one of {sorted(GRIDS)}, a tensor of times or a callable")
-    return _made_grid(grid, sde, steps, t_end)
+    return _made_grid(grid, sde, steps, t_start, t_end)
 
 
-def _check_x_T(x_T) -> torch.Tensor:
-    """A user's x_T: a floating (batch, ...) tensor of at least one sample, with no NaN or inf (one
-    reduction before the loop; a NaN in x_T would come out of every solver as a NaN sample)."""
-    check_tensor("x_T", x_T, min_ndim=2)
+def _check_x_T(x_T, name: str = "x_T") -> torch.Tensor:
+    """A user's x_T (or SDEdit's x_start, by `name`): a floating (batch, ...) tensor of at least one
+    sample, with no NaN or inf (one reduction before the loop; a NaN in x_T would come out of every
+    solver as a NaN sample)."""
+    check_tensor(name, x_T, min_ndim=2)
     if x_T.numel() == 0:
-        raise ValueError(f"x_T: an empty tensor of shape {tuple(x_T.shape)}; expected at least one sample")
+        raise ValueError(f"{name}: an empty tensor of shape {tuple(x_T.shape)}; expected at least one sample")
     if x_T.device.type != "meta":
         finite = torch.isfinite(x_T.detach().flatten(1)).all(1)
         if not bool(finite.all()):  # sync: once, before the loop
             k = int((~finite).nonzero()[0])
-            raise ValueError(f"x_T: sample {k} (of {len(x_T)}) holds NaN or inf; expected finite starting points")
+            raise ValueError(f"{name}: sample {k} (of {len(x_T)}) holds NaN or inf; expected finite starting points")
     return x_T
 
 
-def _initial_state(x_T, shape, dtype, device, noise):
+def _initial_state(x_T, shape, dtype, device, noise, name: str = "x_T"):
+    """x_T as given (or, name="x_start", SDEdit's images, checked alike), or drawn from the noise source."""
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
         raise TypeError(f"dtype={dtype!r}: expected a floating torch.dtype")
     device = check_device("device", device) if device is not None else None
     if x_T is not None:
-        _check_x_T(x_T)
+        _check_x_T(x_T, name)
         if shape is not None and check_shape("shape", shape) != tuple(x_T.shape):
-            raise ValueError(f"shape={tuple(shape)} disagrees with x_T.shape={tuple(x_T.shape)}")
+            raise ValueError(f"shape={tuple(shape)} disagrees with {name}.shape={tuple(x_T.shape)}")
         if dtype is not None and dtype != x_T.dtype:
-            raise ValueError(f"dtype={dtype} disagrees with x_T.dtype={x_T.dtype}; cast x_T or drop dtype")
+            raise ValueError(f"dtype={dtype} disagrees with {name}.dtype={x_T.dtype}; cast {name} or drop dtype")
         wanted = device if device is not None else x_T.device
         if wanted.type != x_T.device.type or wanted.index not in (None, x_T.device.index):
-            raise ValueError(f"device={device} disagrees with x_T.device={x_T.device}; move x_T or drop device")
+            raise ValueError(f"device={device} disagrees with {name}.device={x_T.device}; move {name} or drop device")
         return x_T
     if shape is None:
         raise ValueError("give shape=(batch, ...) or x_T")
@@ -173,6 +194,41 @@ def _initial_state(x_T, shape, dtype, device, noise):
                          "scalar data use (batch, 1)")
     dtype = dtype or torch.get_default_dtype()
     return noise.draw(shape, dtype, device or torch.device("cpu"))
+
+
+def _check_sdedit(x_T, x_start, t_start, grid):
+    """SDEdit's arguments together: t_start goes with x_start (both or neither), x_T with neither, and
+    a TunedGrid (which starts at T) only where it starts at t_start."""
+    if x_start is None:
+        if t_start is not None:
+            raise ValueError(f"t_start={t_start!r} without x_start: t_start is the time SDEdit noises the x_start "
+                             "images to; plain sampling starts at T (give x_start=images, or drop t_start)")
+        return
+    if x_T is not None:
+        raise ValueError("x_T and x_start: give one; x_T is the starting point at T, x_start the images that SDEdit "
+                         "noises to t_start")
+    if t_start is None:
+        raise ValueError("x_start without t_start: give t_start in (t_end, T], the time the images are noised to "
+                         "(small: close to the images; T: the images are forgotten)")
+    if isinstance(grid, TunedGrid):
+        first = float(grid.times[0])  # sync: none, a CPU grid
+        number = isinstance(t_start, (int, float)) and not isinstance(t_start, bool)  # else: _check_t_start
+        if number and not math.isclose(first, t_start):
+            raise ValueError(f"grid: a TunedGrid starts at t={first}, not at t_start={t_start!r}; tuned grids run "
+                             "from T: pass its times only with t_start equal to their first time")
+
+
+def _noised(sde: VPSDE, x_start: torch.Tensor, times: torch.Tensor, noise, grad: bool) -> torch.Tensor:
+    """SDEdit's start: alpha(t) x_start + sigma(t) eps at the grid's first time t (t_start), eps drawn as
+    x_T is drawn (noise.draw: from the run's generator, or one generator per sample). The coefficients
+    are host floats, or 0-d tensors that keep the grid's gradient under grad=True."""
+    eps = noise.draw(tuple(x_start.shape), x_start.dtype, x_start.device)
+    alpha, sigma = sde.alpha_sigma(times[:1])
+    if grad and times.requires_grad:
+        alpha, sigma = (v.reshape(()).to(x_start.device, x_start.dtype) for v in (alpha, sigma))
+    else:
+        alpha, sigma = host_floats(torch.cat([alpha, sigma]))  # sync: none, CPU float64 schedule math
+    return x_start * alpha + eps * sigma
 
 
 def _check_resolved(sde: VPSDE, times: torch.Tensor, dtype: torch.dtype):
@@ -202,7 +258,8 @@ def _check_resolved(sde: VPSDE, times: torch.Tensor, dtype: torch.dtype):
 
 
 def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x_T: torch.Tensor | None = None,
-           solver: str = "heun", steps: int | None = None,
+           x_start: torch.Tensor | None = None, t_start: float | None = None, solver: str = "heun",
+           steps: int | None = None,
            grid: str | Callable | torch.Tensor | TunedGrid | None = None,
            t_end: float | None = None, final_denoise: bool = True,
            generator: torch.Generator | Sequence[torch.Generator] | None = None, noise: Callable | None = None,
@@ -210,7 +267,9 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
            callback: Callable | None = None, progress: bool = False, return_info: bool = False,
            grad: bool = False, compile: bool = False,
            **options: object) -> torch.Tensor | tuple[torch.Tensor, SampleInfo]:
-    """Draw samples by running `solver` from the prior at T down to `t_end`.
+    """Draw samples by running `solver` from the prior at T down to `t_end`; or, given `x_start` and
+    `t_start`, edit images (SDEdit, Meng et al. 2022): noise them to t_start through the forward
+    marginal, x = alpha(t_start) x_start + sigma(t_start) eps, and run the solver from there.
 
     The whole input is checked before the first model call (see the validation catalogue).
 
@@ -218,8 +277,14 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         model: a `Denoiser` (or a guidance transform, any `PredictionModel`), or a callable
             model(x, t) -> eps with t a (batch,) tensor of times.
         sde: the schedule the model was trained on.
-        shape: (batch, ...) of the samples to draw; or give `x_T`.
+        shape: (batch, ...) of the samples to draw; or give `x_T` (or `x_start`).
         x_T: the starting points at T (finite; at least one dimension after the batch).
+        x_start: SDEdit's images in model units, (batch, ...), finite; not with x_T. Their noise eps is
+            drawn as x_T would be (from the generator, one per sample when a list is given, or
+            noise.draw), then the solver's own draws follow.
+        t_start: SDEdit's noise level, a time in (t_end, T], given with x_start (and only then): small
+            keeps the images, T forgets them. Fixed-step solvers step on their grid from t_start
+            (an explicit grid must start there), adaptive ones integrate from it.
         solver: a name in `SOLVERS`.
         steps: steps of a fixed-step solver (default: about 50 model calls); at most 10^5.
         grid: "uniform", "quadratic", "log_snr", "karras", a callable grid(sde, steps, t_start,
@@ -236,9 +301,10 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         device: where to sample (default: cpu, or x_T's device).
         callback: callback(i, t, x), called after each step.
         progress: show a progress bar of model calls.
-        return_info: also return a `SampleInfo` (NFE, solver, grid).
-        grad: record the run for autograd, so that gradients reach x_T, the model's parameters or
-            the grid (memory grows with the steps). By default sampling runs under torch.no_grad().
+        return_info: also return a `SampleInfo` (NFE, solver, grid, t_start).
+        grad: record the run for autograd, so that gradients reach x_T (or x_start), the model's
+            parameters or the grid (memory grows with the steps). By default sampling runs under
+            torch.no_grad().
         compile: run the fixed-step loop under torch.compile (CPU: inductor; CUDA: CUDA graphs,
             mode="reduce-overhead"). The first run of a plan compiles it (seconds to minutes); runs
             with the same solver, grid, options and sample shape reuse it. The noise is drawn before
@@ -246,7 +312,7 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         **options: the solver's own options (see its entry in `SOLVERS`).
 
     Returns:
-        The samples, shaped like x_T; with `return_info`, the pair (samples, SampleInfo).
+        The samples, shaped like x_T (or x_start); with `return_info`, the pair (samples, SampleInfo).
 
     Raises:
         TypeError, ValueError: an argument that is wrong, named with its value and what is allowed.
@@ -269,10 +335,11 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         raise ValueError("callback: compile=True runs the whole loop as one compiled graph, which a callback "
                          "would break; drop the callback or compile")
     options = validate(spec.name, spec.declared, spec.defaults_for(model), options)
+    _check_sdedit(x_T, x_start, t_start, grid)
     if isinstance(grid, TunedGrid):
         grid.check(spec.name, options, spec.calls(grid.steps, options) + final_denoise, sde)
         grid = grid.times
-    times, resolved = _time_grid(spec, sde, steps, grid, t_end, options)
+    times, resolved = _time_grid(spec, sde, steps, grid, t_end, options, t_start)
     t_host = times.detach().tolist()  # sync: none, the grid lives on the CPU
     if noise is None:
         noise = GaussianNoise(generator)
@@ -280,11 +347,15 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         raise ValueError("give generator= or noise=, not both: a noise source carries its own randomness")
     elif not callable(noise) or (x_T is None and not callable(getattr(noise, "draw", None))):
         raise TypeError(f"noise={noise!r}: expected a noise source noise(like, t0, t1) -> N(0, I) draw, with "
-                        f"draw(shape, dtype, device) for x_T unless x_T is given (see GaussianNoise)")
-    x = _initial_state(x_T, shape, dtype, device, noise)
+                        f"draw(shape, dtype, device) for x_T (or x_start's noise) unless x_T is given "
+                        f"(see GaussianNoise)")
+    if x_start is not None:
+        x = _initial_state(x_start, shape, dtype, device, noise, "x_start")
+    else:
+        x = _initial_state(x_T, shape, dtype, device, noise)
     want = declared_sample_shape(model)
     if want is not None and tuple(x.shape[1:]) != want:
-        raise ValueError(f"shape/x_T: samples of shape {tuple(x.shape)}, but the model takes (batch, "
+        raise ValueError(f"shape/x_T/x_start: samples of shape {tuple(x.shape)}, but the model takes (batch, "
                          f"{', '.join(map(str, want))})")
     if spec.adaptive and x.device.type == "meta":
         raise ValueError(f"device=meta (of x_T or device=): solver {spec.name!r} is adaptive: its step control "
@@ -296,13 +367,16 @@ def sample(model: Callable, sde: VPSDE, *, shape: Sequence[int] | None = None, x
         resolved.add(x.dtype)
 
     with torch.set_grad_enabled(grad):
+        if x_start is not None:
+            x = _noised(sde, x, times, noise, grad)
         if spec.plans:
             x, run = _run_plan(spec, model, sde, times, x, noise, final_denoise, progress, callback, compile, options)
         else:
             x, run = _run_whole(spec, model, sde, times, x, noise, final_denoise, progress, callback, options)
     run.check_finite()
     if return_info:
-        return x, SampleInfo(run.nfe, spec.name, None if spec.adaptive else len(times) - 1, times.detach().clone())
+        return x, SampleInfo(run.nfe, spec.name, None if spec.adaptive else len(times) - 1, times.detach().clone(),
+                             t_host[0])
     return x
 
 

@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
                         "the samples are identical, with a network they agree to floating-point rounding")
     s.add_argument("--raw", action="store_true",
                    help="write the raw samples in data units without clipping to the data set's range")
+    s.add_argument("--from", dest="start_images", default=None, metavar="IMAGES.npy",
+                   help="edit these images instead of drawing from noise (SDEdit): a .npy file of (n, *sample_shape) "
+                        "in the data set's units, as --out x.npy writes them; needs --t-start")
+    s.add_argument("--t-start", type=float, default=None,
+                   help="with --from: the time the images are noised to before the solver runs, in (t_end, T]: "
+                        "small keeps them, T (1.0) forgets them")
 
     t = commands.add_parser("train", help="train a network", description="Train a network with the denoising "
                             "objective. Run under torchrun for many processes (DistributedDataParallel).")
@@ -279,7 +285,7 @@ def _sample_mixture(args) -> int:
     n = args.n or 4000
     if args.folder:
         return _sample_chunks(mixture, sde, (2,), n, args, meta={"model": "mixture"})
-    x, info, wall = _timed_sample(mixture, sde, (n, 2), args)
+    x, info, wall = _timed_sample(mixture, sde, (n, 2), args, _start_images(args, lambda y: y, (2,)))
     report = mixture.mode_report(x)
     weight_error = (report["weights"] - mixture.weights).abs().max().item()
     print(f"mode weights: largest error {weight_error:.4f}; stray mass {report['stray']:.4f}; "
@@ -301,7 +307,8 @@ def _sample_model(args) -> int:
         return _sample_chunks(model.denoiser, model.sde, model.sample_shape, n, args,
                               transform=lambda x: model.to_data_units(x.cpu(), clip=clip),
                               meta={"model": str(model.path), "units": "data"})
-    x, info, wall = _timed_sample(model.denoiser, model.sde, (n, *model.sample_shape), args)
+    x_start = _start_images(args, model.to_model_units, model.sample_shape)
+    x, info, wall = _timed_sample(model.denoiser, model.sde, (n, *model.sample_shape), args, x_start)
     data = model.to_data_units(x.cpu(), clip=clip)
     title = f"{info.solver}, NFE={info.nfe}"
     if len(model.sample_shape) == 3:
@@ -332,8 +339,8 @@ def _tuned_grid(args, sde, model_id: str, shipped=()):
         tuned.check_model(model_id)
         return tuned
     spec = SOLVERS[args.solver]
-    if args.grid is not None or args.steps is None or spec.adaptive:
-        return None
+    if args.grid is not None or args.steps is None or spec.adaptive or args.start_images is not None:
+        return None  # a shipped grid runs from T: not for an edit from --t-start
     options = validate(spec.name, spec.declared, spec.options, {})
     nfe = spec.calls(args.steps, options) + 1
     for path in shipped:
@@ -372,6 +379,7 @@ def _check_out(args) -> bool:
     names a folder of chunks (--batch-size only goes with one)."""
     out = args.out
     folder = out.endswith(("/", os.sep)) or os.path.isdir(out)
+    _check_edit(args, folder)
     if args.batch_size is not None and not folder:
         raise ValueError(f"--batch-size goes with a folder --out (a name ending in '/'), not {out!r}")
     if not folder and not out.endswith((".png", ".npy")):
@@ -386,6 +394,35 @@ def _check_out(args) -> bool:
         where = f": {e.filename}" if e.filename else ""
         raise OSError(f"--out {out!r}: cannot write there ({e.strerror or e}{where})") from None
     return folder
+
+
+def _check_edit(args, folder: bool):
+    """--from and --t-start go together, with a .png or .npy --out; the images set the count."""
+    if (args.start_images is None) != (args.t_start is None):
+        given, missing = ("--from", "--t-start") if args.t_start is None else ("--t-start", "--from")
+        raise ValueError(f"{given} needs {missing}: --from IMAGES.npy --t-start T edits the images (SDEdit)")
+    if args.start_images is None:
+        return
+    if folder:
+        raise ValueError(f"--from goes with a .png or .npy --out, not the folder {args.out!r}")
+    if args.n is not None:
+        raise ValueError(f"--n {args.n}: with --from the images set the count; drop --n")
+
+
+def _start_images(args, to_model_units, sample_shape) -> torch.Tensor | None:
+    """--from's images in model units, checked against the model's sample shape (None without --from)."""
+    if args.start_images is None:
+        return None
+    import numpy as np
+
+    try:
+        images = np.load(args.start_images, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--from {args.start_images!r}: not a readable .npy file ({e})") from None
+    if images.ndim < 2 or tuple(images.shape[1:]) != tuple(sample_shape) or not len(images):
+        raise ValueError(f"--from {args.start_images!r}: images of shape {images.shape}; the model draws "
+                         f"(n, {', '.join(map(str, sample_shape))}) with n >= 1")
+    return to_model_units(torch.from_numpy(images.astype(np.float64)).to(torch.get_default_dtype()))
 
 
 def _check_writable(path: Path):
@@ -424,16 +461,22 @@ def _sample_chunks(model, sde, sample_shape, n, args, **kwargs) -> int:
     return 0
 
 
-def _timed_sample(model, sde, shape, args):
+def _timed_sample(model, sde, shape, args, x_start=None):
     options = _solver_options(args)
+    if x_start is not None:  # SDEdit: the images give the shape
+        options.update(x_start=x_start.to(args.device), t_start=args.t_start)
+    else:
+        options.update(shape=shape)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    x, info = sample(model, sde, shape=shape, solver=args.solver, generator=generator, device=args.device,
+    x, info = sample(model, sde, solver=args.solver, generator=generator, device=args.device,
                      return_info=True, progress=sys.stderr.isatty(), **options)
+    shape = tuple(x.shape)
     if x.device.type == "cuda":
         torch.cuda.synchronize()  # sync: the wall time below must include the GPU's work
     wall = time.perf_counter() - start
-    print(f"solver={info.solver} steps={info.steps} NFE={info.nfe} wall={wall:.3f}s n={shape[0]}")
+    edit = "" if x_start is None else f" t_start={info.t_start:g} (edited the --from images)"
+    print(f"solver={info.solver} steps={info.steps} NFE={info.nfe} wall={wall:.3f}s n={shape[0]}{edit}")
     return x, info, wall
 
 

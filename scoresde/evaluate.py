@@ -64,12 +64,7 @@ class Reference:
 
     def to_model_units(self, x: torch.Tensor) -> torch.Tensor:
         """Samples in the data set's units -> model units (the inverse of its affine map)."""
-        units = self.to_data_units
-        shape = (-1, *[1] * (x.ndim - 2)) if x.ndim > 1 else (-1,)
-        scale = torch.as_tensor(units.scale, dtype=torch.float64)
-        shift = torch.as_tensor(units.shift, dtype=torch.float64)
-        scale, shift = (v.reshape(shape) if v.ndim else v for v in (scale, shift))
-        return ((x.to(torch.float64) - shift) / scale).to(torch.float32)
+        return self.to_data_units.inverse(x.to(torch.float64)).to(torch.float32)
 
 
 @dataclass

@@ -79,13 +79,28 @@ class Pretrained:
             raise ValueError(f"x: expected shape (..., {dims}) (the model's sample_shape), "
                              f"got {tuple(x.shape)}")
         data = self.config.get("data", {})
-        units = data.get("units", {"scale": 1.0, "shift": 0.0})
-        y = Affine(units["scale"], units["shift"])(x, sample_ndim=len(shape))
+        y = self._units()(x, sample_ndim=len(shape))
         if clip and len(shape) == 3 and data.get("data_range") is not None:
             low, high = data["data_range"]
             y = y.clamp(low, high)
         return y
 
+
+    def to_model_units(self, y: torch.Tensor) -> torch.Tensor:
+        """Data in the data set's own units (e.g. digits 0..16) mapped to model units, the inverse of
+        `to_data_units` without clipping: images to edit with `sample(..., x_start=)`.
+
+        Args:
+            y: data, shape (batch, *sample_shape).
+
+        Returns:
+            A tensor of y's shape and dtype.
+        """
+        return self._units().inverse(y, sample_ndim=len(self.sample_shape))
+
+    def _units(self) -> Affine:
+        units = self.config.get("data", {}).get("units", {"scale": 1.0, "shift": 0.0})
+        return Affine(units["scale"], units["shift"])
 
     def identity(self) -> str:
         """The model as tuned grids record it: its folder's name and a digest of its weights."""

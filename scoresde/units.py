@@ -29,6 +29,11 @@ class Affine:
         sample_ndim = x.ndim - 1 if sample_ndim is None else sample_ndim
         return x * _per_channel(self.scale, x, sample_ndim) + _per_channel(self.shift, x, sample_ndim)
 
+    def inverse(self, y: torch.Tensor, sample_ndim: int | None = None) -> torch.Tensor:
+        """The map back, data units -> model units: (y - shift) / scale (shapes as for calling it)."""
+        sample_ndim = y.ndim - 1 if sample_ndim is None else sample_ndim
+        return (y - _per_channel(self.shift, y, sample_ndim)) / _per_channel(self.scale, y, sample_ndim)
+
 
 def _per_channel(value, x: torch.Tensor, sample_ndim: int) -> torch.Tensor:
     """A number as it is; a sequence along a sample's first axis, broadcast over its other axes."""

@@ -163,7 +163,7 @@ def _eval_parsers(commands):
 
 
 def _eval(args) -> int:
-    from . import _dist, evaluate
+    from . import evaluate
 
     if args.png is not None and not args.png.endswith(".png"):
         raise ValueError(f"--png {args.png!r}: expected a file name ending in .png")
@@ -349,8 +349,9 @@ def _tuned_grid(args, sde, model_id: str, shipped=()):
             tuned.check(spec.name, options, nfe, sde, model=model_id)
         except ValueError:
             continue
-        print(f"grid: the tuned grid shipped with the model ({path.name}: {spec.name} at NFE {nfe}); --grid NAME "
-              "for a fixed grid")
+        if _dist.is_main():  # under torchrun, one line
+            print(f"grid: the tuned grid shipped with the model ({path.name}: {spec.name} at NFE {nfe}); --grid "
+                  "NAME for a fixed grid")
         return tuned
     return None
 

@@ -12,6 +12,7 @@ from .sde import VPSDE
 from .solvers import SOLVERS, BrownianNoise, GaussianNoise, SampleInfo, sample
 from .chunked import ChunkedRun, load_samples, sample_to_disk  # noqa: E402 (after solvers)
 from .tuning import tune_grid  # noqa: E402 (after solvers)
+from . import cascade  # noqa: E402 (after solvers)
 
 __version__ = "0.1.0"
 
@@ -21,4 +22,5 @@ __all__ = [
     "likelihood", "log_likelihood", "guidance", "ClassifierFreeGuidance", "ClassifierGuidance", "Inpaint",
     "X0Correction", "dynamic_threshold", "static_threshold",
     "sample_to_disk", "load_samples", "ChunkedRun", "tune_grid", "TunedGrid", "load_diffusers",
+    "cascade",
 ]

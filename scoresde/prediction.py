@@ -289,6 +289,29 @@ def as_model(model, sde: VPSDE, name: str = "model") -> PredictionModel:
     return Denoiser(model, sde)
 
 
+def _check_cond(cond, net) -> dict | None:
+    """A Denoiser's `cond` as a dict of keyword arguments; a conditioning image checked against the
+    size a network of ours declares (cond_channels, cond_size)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        cond = {"cond": cond}
+    if not isinstance(cond, dict) or not all(isinstance(k, str) and k.isidentifier() for k in cond):
+        raise TypeError(f"cond: expected a tensor (batch, ...) or a dict of keyword arguments, got "
+                        f"{type(cond).__name__}")
+    batches = {k: v.shape[0] for k, v in cond.items() if isinstance(v, torch.Tensor) and v.ndim > 0}
+    if len(set(batches.values())) > 1:
+        raise ValueError(f"cond: its tensors disagree on the batch size: {batches}")
+    image, channels = cond.get("cond"), getattr(net, "cond_channels", None)
+    if isinstance(image, torch.Tensor) and isinstance(channels, int) and channels > 0:
+        size = getattr(net, "cond_size", None)
+        want = (channels, size, size)
+        if image.ndim != 4 or tuple(image.shape[1:]) != want:
+            raise ValueError(f"cond: expected a conditioning image of shape (batch, {', '.join(map(str, want))}) "
+                             f"(the network's cond_channels={channels}, cond_size={size}), got {tuple(image.shape)}")
+    return dict(cond)
+
+
 class Denoiser(PredictionModel):
     """Wraps any network as a model on continuous time t in [0, 1].
 
@@ -310,13 +333,20 @@ class Denoiser(PredictionModel):
             2021, iDDPM), as many channels again after its prediction (dimension 1): the
             interpolation v in [-1, 1] between the step's beta and posterior variance in log space,
             which `ancestral(variance="learned")` draws with.
+        cond: conditioning passed through to every network call as keyword arguments: a tensor
+            (batch, ...) is passed as `cond=` (a conditioning image, e.g. the low-resolution input
+            of a super-resolution UNet); a dict passes each entry under its own name (e.g.
+            `{"cond": low_res, "cond_t": 0.1}`, with the noise level of the conditioning image). A
+            tensor's first dimension is the batch: row i conditions sample i, so sample with as
+            many samples as it has rows. None: the network is called as net(x, time).
 
     Raises:
         TypeError, ValueError: an argument that is wrong, named with its value and what is allowed.
     """
 
     def __init__(self, net: Callable, sde: VPSDE, prediction: str = "eps", time_input: str | Callable = "t",
-                 num_steps: int | None = None, variance: str | None = None):
+                 num_steps: int | None = None, variance: str | None = None,
+                 cond: torch.Tensor | dict | None = None):
         if not callable(net):
             raise TypeError(f"net={net!r}: expected a callable network net(x, time)")
         if not isinstance(sde, VPSDE):
@@ -334,6 +364,26 @@ class Denoiser(PredictionModel):
             raise ValueError(f"variance={variance!r}: expected one of {VARIANCES}")
         self.net, self.sde, self.prediction = net, sde, prediction
         self.time_input, self.num_steps, self.variance = time_input, num_steps, variance
+        self.cond, self._cond_batch, self._cond_on = _check_cond(cond, net), None, {}
+        for value in (self.cond or {}).values():
+            if isinstance(value, torch.Tensor) and value.ndim > 0:
+                self._cond_batch = value.shape[0]
+
+    def conditioned(self, cond: torch.Tensor | dict | None) -> "Denoiser":
+        """The same network and settings with other conditioning (see `cond`)."""
+        return Denoiser(self.net, self.sde, self.prediction, self.time_input, self.num_steps, self.variance,
+                        cond=cond)
+
+    def _cond_kwargs(self, x: torch.Tensor) -> dict:
+        """The conditioning's keyword arguments for a call on x: its tensors on x's device (moved once)."""
+        if self._cond_batch is not None and x.shape[0] != self._cond_batch:
+            raise ValueError(f"cond: {self._cond_batch} conditioning samples for a batch of {x.shape[0]}; "
+                             f"sample as many samples as cond has rows")
+        key = str(x.device)
+        if key not in self._cond_on:
+            self._cond_on[key] = {k: v.to(x.device) if isinstance(v, torch.Tensor) else v
+                                  for k, v in self.cond.items()}
+        return self._cond_on[key]
 
     def __repr__(self):
         return f"Denoiser({type(self.net).__name__}, prediction={self.prediction!r}, time_input={self.time_input!r})"
@@ -416,7 +466,10 @@ class Denoiser(PredictionModel):
         return t.to(x.dtype)
 
     def forward(self, x: torch.Tensor, t: Time, alpha: Coef = None, sigma: Coef = None) -> Prediction:
-        out = self.net(x, self._net_time(t, x))
+        if self.cond is None:
+            out = self.net(x, self._net_time(t, x))
+        else:
+            out = self.net(x, self._net_time(t, x), **self._cond_kwargs(x))
         if not isinstance(out, torch.Tensor):
             out = getattr(out, "sample", out)  # diffusers returns a UNet2DOutput
         if not isinstance(out, torch.Tensor):

@@ -216,10 +216,11 @@ def _misfit(skeleton: torch.nn.Module, state: dict) -> list[str]:
     arch = skeleton.config
     wanted = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
     have = {name: tuple(t.shape) for name, t in state.items()}
-    problems = [f"architecture.{field}={arch[field]!r}, but the weights were made with {have[name][axis]} "
-                f"({name} has shape {list(have[name])})"
+    extra = {"in_channels": arch.get("cond_channels", 0)}  # a super-resolution UNet's conditioning channels
+    problems = [f"architecture.{field}={arch[field]!r}, but the weights were made with "
+                f"{have[name][axis] - extra.get(field, 0)} ({name} has shape {list(have[name])})"
                 for field, (name, axis) in _SIZE_FIELDS.get(arch["architecture"], {}).items()
-                if len(have.get(name, ())) > axis and have[name][axis] != arch[field]]
+                if len(have.get(name, ())) > axis and have[name][axis] != arch[field] + extra.get(field, 0)]
     lists = (("size mismatch for", [f"{n} ({list(have[n])} in the weights, {list(wanted[n])} in the network)"
                                      for n in wanted if n in have and have[n] != wanted[n]]),
              ("missing from the weights:", [n for n in wanted if n not in have]),

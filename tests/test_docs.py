@@ -58,7 +58,7 @@ def test_nav_pages_exist_and_relative_links_resolve():
     config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
     pages = nav_files(config["nav"])
     assert {"index.md", "theory.md", "solvers.md", "tuning.md", "models.md", "training.md", "examples.md", "benchmarks.md",
-            "reliability.md", "evaluation.md"} <= set(pages)
+            "reliability.md", "evaluation.md", "superres.md"} <= set(pages)
     missing = [p for p in pages if not (DOCS / p).is_file()]
     assert not missing, f"pages in mkdocs.yml's nav that do not exist under docs/: {missing}"
     broken = []

@@ -504,6 +504,8 @@ FIELD_GOOD = {
     "beta_max": st.floats(1.0, 30.0), "cosine_s": st.floats(0.0, 0.1), "target": st.sampled_from(["eps", "x0", "v"]),
     "time": st.just("continuous"), "t_eps": st.floats(1e-4, 0.1), "num_steps": st.sampled_from([None, 1000]),
     "min_snr_gamma": st.sampled_from([None, 5.0]), "cond_drop": st.floats(0.0, 0.5), "steps": st.integers(1, 10**6),
+    "split": st.sampled_from(["all", "train"]), "resolution": st.sampled_from([0, 4]), "lowres": st.sampled_from([0, 4]),
+    "lowres_aug": st.floats(0.0, 1.0), "lowres_aug_sample": st.floats(0.0, 0.5),
     "batch_size": st.sampled_from([8, 16, 128]), "grad_accum": st.sampled_from([1, 2, 4]), "lr": st.floats(1e-5, 1e-2),
     "weight_decay": st.floats(0.0, 0.1), "warmup": st.integers(0, 1000), "grad_clip": st.floats(0.1, 10.0),
     "ema_decay": st.floats(0.0, 0.9999), "ema_warmup": st.booleans(), "bf16": st.booleans(), "compile": st.booleans(),

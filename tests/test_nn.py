@@ -45,10 +45,12 @@ def test_every_preset_keeps_the_shape(name):
     torch.manual_seed(0)
     net = _awake(from_preset(name))
     x, t = _inputs(net, batch=3)
-    out = net(x, t)
+    size = net.config.get("cond_size")  # a super-resolution network takes its low-resolution image too
+    cond = {"cond": torch.randn(3, net.config["cond_channels"], size, size)} if size else {}
+    out = net(x, t, **cond)
     assert out.shape == x.shape and torch.isfinite(out).all()
     if net.config["num_classes"] is not None:
-        out_y = net(x, t, torch.tensor([0, 1, net.config["num_classes"]]))
+        out_y = net(x, t, torch.tensor([0, 1, net.config["num_classes"]]), **cond)
         assert out_y.shape == x.shape
 
 
@@ -131,7 +133,9 @@ def test_build_network_round_trip(name):
     config = json.loads(json.dumps(net.config))  # JSON-ready, and it survives the trip
     assert config == net.config
     cls = UNet if config["architecture"] == "UNet" else MLP
-    assert set(config) == {"architecture"} | set(snn._arguments(cls))  # every constructor argument
+    # every constructor argument (an image-conditioning UNet's cond_channels and cond_size only when it has them)
+    unset = {"cond_channels", "cond_size"} if cls is UNet and not config.get("cond_channels") else set()
+    assert set(config) == {"architecture"} | set(snn._arguments(cls)) - unset
     twin = build_network(config)
     assert type(twin) is type(net) and twin.config == net.config
     a, b = net.state_dict(), twin.state_dict()
@@ -141,7 +145,9 @@ def test_build_network_round_trip(name):
     twin.load_state_dict(a)  # the fourier frequencies travel with the weights
     net, twin = _awake(net), _awake(twin)
     x, t = _inputs(net)
-    torch.testing.assert_close(twin(x, t), net(x, t))
+    size = config.get("cond_size")
+    cond = {"cond": torch.randn(len(x), config["cond_channels"], size, size)} if size else {}
+    torch.testing.assert_close(twin(x, t, **cond), net(x, t, **cond))
 
 
 def test_from_preset_overrides_and_copies():

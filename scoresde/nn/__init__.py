@@ -31,6 +31,14 @@ PRESETS: dict[str, dict] = {
     # scikit-learn's 8x8 digits, 10 classes plus the null class: the shipped model, trained on CPU.
     "digits": dict(architecture="UNet", image_size=8, in_channels=1, base_channels=32, channel_mults=[1, 2, 2],
                    num_res_blocks=1, attention_resolutions=[4], dropout=0.1, num_classes=10, num_groups=8),
+    # Super-resolution 4x4 -> 8x8 digits: the 4x4 input upsampled (bilinear) and concatenated as a
+    # second input channel; no class labels.
+    "digits_sr": dict(architecture="UNet", image_size=8, in_channels=1, base_channels=16, channel_mults=[1, 2],
+                      num_res_blocks=1, attention_resolutions=[], dropout=0.1, num_groups=8, cond_channels=1,
+                      cond_size=4),
+    # A cascade's 4x4 base: the digits average-pooled to 4x4, 10 classes plus the null class.
+    "digits_4x4": dict(architecture="UNet", image_size=4, in_channels=1, base_channels=16, channel_mults=[1, 2],
+                       num_res_blocks=1, attention_resolutions=[2], dropout=0.1, num_classes=10, num_groups=8),
     # Fashion-MNIST, 28x28 grayscale, 10 classes plus the null class: three levels 28 -> 14 -> 7
     # (28 divides by 2**2), attention at 14x14 and in the middle at 7x7; 1.62M parameters, 6.5 MB
     # of float32 safetensors.

@@ -125,13 +125,20 @@ class UNet(nn.Module):
     network, `num_classes` being the null class; y=None uses the null class for every sample.
     Labels outside that range fail in the embedding lookup (they are not checked: that would
     need a device sync).
+
+    Image conditioning (super-resolution, Saharia et al. 2021 SR3): with `cond_channels` > 0 the
+    network also takes `cond`, a (batch, cond_channels, cond_size, cond_size) low-resolution image,
+    upsampled bilinearly (align_corners=False) to image_size and concatenated to x as extra input
+    channels, and `cond_t`, the (batch,) noise level s in [0, 1] of that image's noise-conditioning
+    augmentation (Ho et al. 2022; default 0, a clean image), embedded like t and added to the
+    time embedding.
     """
 
     def __init__(self, *, image_size: int, in_channels: int, out_channels: int | None = None,
                  base_channels: int = 128, channel_mults=(1, 2, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions=(16,), dropout: float = 0.1, num_classes: int | None = None,
                  time_embedding: str = "sinusoidal", time_scale: float = 1000.0, num_groups: int = 32,
-                 num_heads: int = 1):
+                 num_heads: int = 1, cond_channels: int = 0, cond_size: int | None = None):
         super().__init__()
         mults = _as_ints("channel_mults", channel_mults)
         attn_res = _as_ints("attention_resolutions", attention_resolutions, allow_empty=True)
@@ -147,7 +154,16 @@ class UNet(nn.Module):
             num_heads=check_int("num_heads", num_heads))
         _check_geometry(self.config)
         self.image_size, self.in_channels, self.num_classes = image_size, in_channels, num_classes
-        self._build(**{k: v for k, v in self.config.items() if k != "architecture"})
+        self.cond_channels = check_int("cond_channels", cond_channels, minimum=0)
+        self.cond_size = None
+        if self.cond_channels:  # kept out of an unconditioned network's config: old configs stay equal
+            self.cond_size = check_int("cond_size", cond_size if cond_size is not None else image_size)
+            if self.cond_size > image_size:
+                raise ValueError(f"cond_size={self.cond_size}: expected at most image_size={image_size} (the "
+                                 "conditioning image is upsampled to the output size)")
+            self.config.update(cond_channels=self.cond_channels, cond_size=self.cond_size)
+        self._build(**{k: v for k, v in self.config.items() if k not in ("architecture", "cond_channels",
+                                                                          "cond_size")})
         self._init_weights()
 
     def _build(self, *, image_size, in_channels, out_channels, base_channels, channel_mults, num_res_blocks,
@@ -159,7 +175,9 @@ class UNet(nn.Module):
             ResBlock(cin, cout, emb_dim, dropout, num_groups),
             AttnBlock(cout, num_heads, num_groups) if res in attention_resolutions else None)
 
-        self.conv_in = _conv3x3(in_channels, base_channels)
+        if self.cond_channels:  # the augmentation level s of the conditioning image, embedded like t
+            self.cond_level = Conditioning(base_channels, emb_dim, kind=time_embedding, time_scale=time_scale)
+        self.conv_in = _conv3x3(in_channels + self.cond_channels, base_channels)
         ch, res, skips = base_channels, image_size, [base_channels]
         self.down = nn.ModuleList()
         for level, mult in enumerate(channel_mults):
@@ -194,10 +212,20 @@ class UNet(nn.Module):
                     nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None, cond_t: torch.Tensor | float | None = None) -> torch.Tensor:
         self._check_x(x)
         t, y = check_t_y(t, y, x.shape[0], self.num_classes, x.device)
         emb = self.cond(t, y)
+        if self.cond_channels:
+            self._check_cond(cond, x)
+            level, _ = check_t_y(0.0 if cond_t is None else cond_t, None, x.shape[0], None, x.device)
+            emb = emb + self.cond_level(level, None)
+            up = F.interpolate(cond.to(x.dtype), size=(self.image_size, self.image_size), mode="bilinear",
+                               align_corners=False)
+            x = torch.cat([x, up], dim=1)
+        elif cond is not None:
+            raise ValueError("cond: this network takes no conditioning image (cond_channels=0); pass cond=None")
         h = self.conv_in(x)
         hs = [h]
         for module in self.down:
@@ -220,6 +248,21 @@ class UNet(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"x: expected shape (batch, {', '.join(map(str, want))}) (in_channels="
                              f"{self.in_channels}, image_size={self.image_size}), got {tuple(x.shape)}")
+
+
+    def _check_cond(self, cond, x):
+        want = (self.cond_channels, self.cond_size, self.cond_size)
+        shape = f"({x.shape[0]}, {', '.join(map(str, want))})"
+        if cond is None:
+            raise ValueError(f"cond=None: this network is conditioned on a low-resolution image; expected a "
+                             f"tensor of shape {shape} (cond_channels={self.cond_channels}, cond_size="
+                             f"{self.cond_size}), e.g. Denoiser(net, sde, cond=low_res)")
+        if not isinstance(cond, torch.Tensor) or not cond.is_floating_point():
+            raise TypeError(f"cond: expected a floating tensor of shape {shape}, got "
+                            + (f"a {cond.dtype} tensor" if isinstance(cond, torch.Tensor) else type(cond).__name__))
+        if tuple(cond.shape) != (x.shape[0], *want):
+            raise ValueError(f"cond: expected shape {shape} (batch, cond_channels={self.cond_channels}, "
+                             f"cond_size={self.cond_size}, cond_size), got {tuple(cond.shape)}")
 
 
 def _check_geometry(c: dict):

@@ -29,6 +29,11 @@ class TrainConfig:
     num_steps: int | None = None  # chain length for time="discrete"
     min_snr_gamma: float | None = None
     cond_drop: float = 0.1  # label dropout (to the null class) for classifier-free guidance
+    split: str = "all"  # "train": leave out the held-out split of scoresde.evaluate (every fifth image)
+    resolution: int = 0  # > 0: train on the images average-pooled to resolution x resolution (a cascade's base)
+    lowres: int = 0  # > 0: super-resolution, conditioned on the images average-pooled to lowres x lowres
+    lowres_aug: float = 0.1  # training noises the low-res input to a level s ~ U(0, lowres_aug) (cascades)
+    lowres_aug_sample: float = 0.02  # the fixed level s of the low-res input when sampling
     # how
     steps: int = 20000
     batch_size: int = 128  # per optimizer step, over all processes
@@ -103,6 +108,12 @@ class TrainConfig:
         check_number("grad_clip", self.grad_clip, low=0.0, low_open=True, finite=False)  # inf: no clipping
         check_number("weight_decay", self.weight_decay, low=0.0)
         check_number("cond_drop", self.cond_drop, low=0.0, high=1.0, high_open=True)
+        if self.split not in ("all", "train"):
+            raise ValueError(f"split={self.split!r}: expected 'all' or 'train' (without the held-out images)")
+        check_count("resolution", self.resolution, minimum=0, maximum=None)
+        check_count("lowres", self.lowres, minimum=0, maximum=None)
+        check_number("lowres_aug", self.lowres_aug, low=0.0, high=1.0)
+        check_number("lowres_aug_sample", self.lowres_aug_sample, low=0.0, high=1.0)
         check_number("ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         for name in ("ema_warmup", "bf16", "compile", "channels_last"):
             check_flag(name, getattr(self, name))
@@ -130,6 +141,15 @@ PRESETS = {
     "cifar10": TrainConfig(data="cifar-10-batches-py", model="cifar10", steps=800_000, batch_size=128, lr=2e-4,
                            warmup=5000, ema_decay=0.9999, cond_drop=0.0, sample_every=10_000,
                            ckpt_every=10_000, log_every=100, out="runs/cifar10"),
+    # Super-resolution 4x4 -> 8x8 digits (SR3, with cascaded diffusion's noise-conditioning
+    # augmentation): the `digits_sr` UNet, conditioned on the 8x8 digit average-pooled to 4x4.
+    "digits_sr": TrainConfig(data="digits", model="digits_sr", lowres=4, split="train", steps=3000,
+                             batch_size=128, lr=1e-3, warmup=200, cond_drop=0.0, sample_every=1000,
+                             ckpt_every=1000, log_every=50, out="runs/digits_sr"),
+    # A cascade's base: the digits average-pooled to 4x4, the `digits_4x4` class-conditional UNet.
+    "digits_4x4": TrainConfig(data="digits", model="digits_4x4", resolution=4, split="train", steps=3000,
+                              batch_size=128, lr=1e-3, warmup=200, sample_every=1000, ckpt_every=1000,
+                              log_every=50, out="runs/digits_4x4"),
 }
 
 

@@ -35,7 +35,7 @@ from .. import checkpoint as ckpt
 from . import data as datasets
 from .config import TrainConfig
 from .ema import EMA
-from .objective import diffusion_loss
+from .objective import diffusion_loss, noised_lowres
 
 
 # ---- processes and devices -----------------------------------------------------------------
@@ -201,6 +201,14 @@ def _network(config: TrainConfig, data: datasets.Data) -> torch.nn.Module:
     if tuple(data.sample_shape) != expects:
         raise ValueError(f"model preset {config.model!r} takes samples of shape {expects}, but data "
                          f"{data.name!r} has {tuple(data.sample_shape)}: choose another preset or set {hint}")
+    if config.lowres and (arch.get("cond_channels", 0) < 1 or arch.get("cond_size") != config.lowres):
+        raise ValueError(f"lowres={config.lowres}: model preset {config.model!r} takes "
+                         + (f"a {arch['cond_size']}x{arch['cond_size']} conditioning image" if arch.get("cond_channels")
+                            else "no conditioning image") + ": choose a super-resolution preset such as "
+                         "'digits_sr' or set model.cond_channels / model.cond_size")
+    if arch.get("cond_channels") and not config.lowres:
+        raise ValueError(f"lowres=0: model preset {config.model!r} is conditioned on a {arch['cond_size']}x"
+                         f"{arch['cond_size']} image; set lowres={arch['cond_size']}")
     classes = arch.get("num_classes")
     if classes is not None and data.num_classes is not None and classes != data.num_classes:
         raise ValueError(f"model preset {config.model!r} has {classes} classes, data {data.name!r} has "
@@ -234,15 +242,38 @@ def _drop_labels(y, num_classes, p, generator):
     return torch.where(drop, torch.full_like(y, num_classes), y)
 
 
+def _pooled(data: datasets.Data, size: int) -> datasets.Data:
+    """The images of `data` average-pooled to size x size (`resolution`: a cascade's base)."""
+    if len(data.sample_shape) != 3 or data.sample_shape[-1] % size or data.sample_shape[-2] % size:
+        raise ValueError(f"resolution={size}: expected a size that divides the images of data {data.name!r}, "
+                         f"of shape {tuple(data.sample_shape)}")
+    x = torch.nn.functional.adaptive_avg_pool2d(data.x, size)
+    return datasets.Data(x, data.y, data.num_classes, data.name, data.to_data_units, data.data_range)
+
+
+def lowres_cond(config: TrainConfig, sde, x: torch.Tensor, level, generator=None) -> dict:
+    """The conditioning of a super-resolution network for images x (batch, C, H, W): their low-res
+    version noised to `level` (a float or a (batch,) tensor), and that level."""
+    s = level if isinstance(level, torch.Tensor) else torch.full((x.shape[0],), float(level), device=x.device)
+    return {"cond": noised_lowres(sde, x, config.lowres, s, generator=generator), "cond_t": s.to(x.dtype)}
+
+
 def _save_samples(net, ema, config, data, sde, path, device):
-    """A picture of what the EMA weights generate now (rank 0)."""
+    """A picture of what the EMA weights generate now (rank 0); a super-resolution network
+    upsamples the first `sample_n` training images' low-res versions."""
     from ..plotting import save_image_grid, save_scatter
 
     sampler = copy.deepcopy(net).eval()
     ema.copy_to(sampler)
-    denoiser = Denoiser(sampler, sde, prediction=config.target)
+    cond = None
+    if config.lowres:
+        x = data.x[:config.sample_n].to(device)
+        cond = lowres_cond(config, sde, x, config.lowres_aug_sample,
+                           torch.Generator(device).manual_seed(config.seed))
+    denoiser = Denoiser(sampler, sde, prediction=config.target, cond=cond)
     steps = None if SOLVERS[config.sample_solver].adaptive else config.sample_steps  # adaptive: no steps
-    x = sample(denoiser, sde, shape=(config.sample_n, *data.sample_shape), solver=config.sample_solver,
+    n = config.sample_n if cond is None else cond["cond"].shape[0]
+    x = sample(denoiser, sde, shape=(n, *data.sample_shape), solver=config.sample_solver,
                steps=steps, generator=torch.Generator().manual_seed(config.seed), device=device)
     if len(data.sample_shape) == 3:
         lo, hi = data.data_range
@@ -297,7 +328,14 @@ def _train(config: TrainConfig, resume: bool, rank: int, world: int, device: tor
 
     # ---- data, network, schedule, optimiser ----
     torch.manual_seed(config.seed)  # the same initial weights on every process
-    data = datasets.load_data(config.data, seed=config.seed)
+    if config.split == "train":  # evaluate's training split: its held-out images never seen
+        from ..evaluate import split_data
+
+        data = split_data(config.data)[0]
+    else:
+        data = datasets.load_data(config.data, seed=config.seed)
+    if config.resolution:
+        data = _pooled(data, config.resolution)
     stream = datasets.BatchStream(data, micro_batch, seed=config.seed, rank=rank, world_size=world)
     net = _network(config, data).to(device)
     if cuda and config.channels_last and len(data.sample_shape) == 3:
@@ -371,11 +409,15 @@ def _train(config: TrainConfig, resume: bool, rank: int, world: int, device: tor
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = y.to(device, non_blocking=True) if labelled else None
                 y = _drop_labels(y, data.num_classes, config.cond_drop, noise)
+                cond = None
+                if config.lowres:  # noise-conditioning augmentation: s ~ U(0, lowres_aug), given to the net
+                    level = torch.rand(x.shape[0], generator=noise, device=device) * config.lowres_aug
+                    cond = lowres_cond(config, sde, x, level, noise)
                 # DDP averages gradients across processes on the last micro-batch only.
                 last = micro == config.grad_accum - 1
                 with contextlib.nullcontext() if last or world == 1 else model.no_sync():
                     with autocast:
-                        loss = diffusion_loss(model, sde, x, objective, y=y, generator=noise)
+                        loss = diffusion_loss(model, sde, x, objective, y=y, generator=noise, cond=cond)
                     (loss / config.grad_accum).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)
             finite, signum = _step_status(grad_norm, stop, world)

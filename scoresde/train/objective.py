@@ -65,9 +65,20 @@ class Objective:
         return {"x0": clipped, "eps": clipped / snr, "v": clipped / (snr + 1)}[self.target]
 
 
+def noised_lowres(sde: VPSDE, x: torch.Tensor, size: int, level, *, generator=None) -> torch.Tensor:
+    """x average-pooled to size x size, then noised to the level s of cascaded diffusion's
+    noise-conditioning augmentation (Ho et al. 2022): alpha_s low + sigma_s eps on the same schedule.
+    `level`: a float or a (batch,) tensor of s in [0, 1]; s = 0 leaves the image clean."""
+    low = torch.nn.functional.adaptive_avg_pool2d(x, size) if x.shape[-1] != size else x
+    s = level if isinstance(level, torch.Tensor) else torch.full((x.shape[0],), float(level), dtype=F64)
+    alpha, sigma = sde.alpha_sigma(s.to(device=x.device, dtype=F64))
+    eps = torch.randn(low.shape, generator=generator, dtype=low.dtype, device=low.device)
+    return per_sample(alpha, low).to(low.dtype) * low + per_sample(sigma, low).to(low.dtype) * eps
+
+
 def diffusion_loss(net, sde: VPSDE, x0: torch.Tensor, objective: Objective, *, y=None,
-                   generator=None) -> torch.Tensor:
-    """Mean squared error of `net(x_t, t[, y])` against the objective's target, averaged over
+                   generator=None, cond: dict | None = None) -> torch.Tensor:
+    """Mean squared error of `net(x_t, t[, y], **cond)` against the objective's target, averaged over
     samples and dimensions. Noise and times come from `generator` (on x0's device)."""
     batch = x0.shape[0]
     t = objective.sample_times(sde, batch, generator=generator, device=x0.device)
@@ -76,7 +87,8 @@ def diffusion_loss(net, sde: VPSDE, x0: torch.Tensor, objective: Objective, *, y
     a, s = per_sample(alpha, x0), per_sample(sigma, x0)
     x_t = a * x0 + s * eps
     t_in = t.to(x0.dtype)
-    out = net(x_t, t_in) if y is None else net(x_t, t_in, y)
+    kwargs = cond or {}
+    out = net(x_t, t_in, **kwargs) if y is None else net(x_t, t_in, y, **kwargs)
     target = from_eps(objective.target, eps, x_t, a, s)
     per_sample_loss = (out.float() - target.float()).pow(2).flatten(1).mean(1)
     weight = objective.weight(alpha, sigma)

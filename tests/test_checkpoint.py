@@ -481,7 +481,7 @@ def _assert_consistent(loaded: Checkpoint):
     assert bool((loaded.state["m"] == step).all())
 
 
-@pytest.mark.parametrize("kills", [4, pytest.param(25, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kills", [pytest.param(4, marks=pytest.mark.slow), pytest.param(25, marks=pytest.mark.slow)])
 def test_sigkill_during_saves_always_leaves_a_loadable_checkpoint(tmp_path, kills):
     if not hasattr(signal, "SIGKILL"):
         pytest.skip("no SIGKILL on this platform")

@@ -70,6 +70,7 @@ def test_compare_solvers(tmp_path):
     check_png(out, (900, 350))
 
 
+@pytest.mark.slow  # ~8 s: imports diffusers and runs its UNet
 def test_diffusers_unet(tmp_path):
     pytest.importorskip("diffusers")  # in the test extra; the example itself exits with a message
     out = tmp_path / "numbers.json"

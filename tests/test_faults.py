@@ -466,6 +466,7 @@ def _run_sampler(n, out, delay=0.0):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow  # ~5 s: 10,000 samples in a subprocess
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss units and /proc are Linux's")
 def test_ten_thousand_samples_in_chunks_keep_memory_flat(tmp_path):
     """Peak memory drawing 10,000 samples of 1,024 floats (41 MB in all) in chunks of 500 stays within

@@ -241,6 +241,7 @@ def test_pc_refuses_brownian_noise_for_the_corrector():
 
 
 # ==== adaptive_sde ====================================================================================
+@pytest.mark.slow  # ~7 s: the default tolerances on the sharp ring
 def test_adaptive_sde_samples_the_sharp_ring_at_default_tolerances():
     """Mode weights within 4.5 binomial SE, stray mass under 0.5%, within-mode spread within 5 SE of
     exact (the derivations are in test_solvers.mixture_failures), at 10000 samples: tighter than the
